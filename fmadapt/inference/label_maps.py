@@ -1,0 +1,72 @@
+"""Label-map prediction on one 2D image: every class with a box prompt, or with no prompt.
+
+These functions drive evaluation and the validation pass of training. They take a
+Segmenter and return H×W label maps at the original resolution with classes 1..C.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fmadapt.data.layout import to_hwc
+
+
+@torch.inference_mode()
+def embed_image(segmenter, image: np.ndarray) -> torch.Tensor:
+    """Encode one H×W or H×W×3 image on a 0–255 scale; returns the 1×E×h×w embedding."""
+    tensor = segmenter.transform.image_to_tensor(to_hwc(image))
+    device = next(segmenter.parameters()).device
+    return segmenter.encode(tensor.unsqueeze(0).to(device))
+
+
+def logits_to_label_map(logits: torch.Tensor) -> np.ndarray:
+    """Turn C×H×W class logits into an H×W uint8 map: the highest class where its logit > 0."""
+    if logits.shape[0] == 0:
+        raise ValueError("logits has no class channel (shape 0×H×W)")
+    best, index = logits.max(dim=0)
+    labels = torch.where(best > 0, index + 1, torch.zeros_like(index))
+    return labels.to(torch.uint8).cpu().numpy()
+
+
+@torch.inference_mode()
+def predict_with_boxes(
+    segmenter,
+    embedding: torch.Tensor,
+    boxes: dict[int, np.ndarray],
+    original_size: tuple[int, int],
+    num_classes: int,
+) -> np.ndarray:
+    """Segment each class from its box; returns an H×W uint8 label map.
+
+    Args:
+        embedding: 1×E×h×w image embedding.
+        boxes: class index (1..C) to its XYXY box in original pixels; classes without a
+            box are predicted as absent.
+        original_size: (H, W) of the image.
+        num_classes: C.
+
+    All boxes go through the decoder in one call. Where two classes overlap, the one with
+    the larger logit wins.
+    """
+    height, width = original_size
+    logits = torch.full((num_classes, height, width), -torch.inf)
+    if boxes:
+        classes = sorted(boxes)
+        stacked = np.stack([boxes[c] for c in classes]).astype(np.float32)
+        model_boxes = torch.as_tensor(segmenter.transform.boxes_to_model(stacked, original_size))
+        low_res, _ = segmenter.decode_prompts(
+            embedding, boxes=model_boxes.to(embedding.device), multimask_output=False
+        )
+        upsampled = segmenter.transform.masks_to_original(low_res[:, 0].float().cpu(), original_size)
+        for row, c in enumerate(classes):
+            logits[c - 1] = upsampled[row]
+    return logits_to_label_map(logits)
+
+
+@torch.inference_mode()
+def predict_automatic(segmenter, embedding: torch.Tensor, original_size: tuple[int, int]) -> np.ndarray:
+    """Segment every class of the model without a prompt; returns an H×W uint8 label map."""
+    low_res, _ = segmenter.decode_classes(embedding)
+    logits = segmenter.transform.masks_to_original(low_res.float().cpu(), original_size)
+    return logits_to_label_map(logits)

@@ -1,0 +1,207 @@
+"""Predictor: encode an image once, then segment it with many prompts."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from fmadapt.data.intensity import IntensitySpec, normalize_intensity
+from fmadapt.data.layout import to_hwc
+from fmadapt.models.segmenter import Segmenter
+
+__all__ = ["Predictor", "select_best_mask"]
+
+logger = logging.getLogger(__name__)
+
+
+def select_best_mask(masks: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pick, for each prompt, the mask with the highest predicted IoU.
+
+    ``masks`` is K×H×W with ``scores`` K, or P×K×H×W with ``scores`` P×K. Returns the
+    chosen mask (H×W or P×H×W) and its score (scalar array or P). With
+    ``multimask_output=True`` the decoder proposes K = 3 masks for ambiguous prompts
+    (such as one click) and its IoU head scores each one.
+    """
+    masks = np.asarray(masks)
+    scores = np.asarray(scores)
+    if scores.ndim not in (1, 2) or masks.shape[: scores.ndim] != scores.shape or masks.ndim != scores.ndim + 2:
+        raise ValueError(
+            f"masks must be K×H×W with scores K, or P×K×H×W with scores P×K; got masks "
+            f"{masks.shape} and scores {scores.shape}"
+        )
+    best = np.argmax(scores, axis=-1)
+    if scores.ndim == 1:
+        return masks[best], scores[best]
+    rows = np.arange(scores.shape[0])
+    return masks[rows, best], scores[rows, best]
+
+
+class Predictor:
+    """Segment one image at a time with box, point and mask prompts.
+
+    ``set_image`` runs the encoder once and caches the embedding, so each ``predict``
+    call only runs the prompt encoder and mask decoder. Prompts are in pixels of the
+    original image: boxes XYXY, points XY.
+
+    Args:
+        model: the Segmenter; its ``transform`` prepares images and maps prompts.
+        intensity: how raw values map to 0–255 before the model transform; default
+            ``IntensitySpec()`` ("auto": uint8 unchanged, other dtypes by percentiles).
+    """
+
+    def __init__(self, model: Segmenter, *, intensity: IntensitySpec | None = None) -> None:
+        if not isinstance(model, Segmenter):
+            raise TypeError(f"model must be a Segmenter, got {type(model).__name__}")
+        if intensity is not None and not isinstance(intensity, IntensitySpec):
+            raise TypeError(f"intensity must be an IntensitySpec or None, got {type(intensity).__name__}")
+        self.model = model
+        self.intensity = intensity if intensity is not None else IntensitySpec()
+        self._embedding: torch.Tensor | None = None
+        self._original_size: tuple[int, int] | None = None
+
+    @property
+    def is_image_set(self) -> bool:
+        """Whether ``set_image`` has cached an embedding."""
+        return self._embedding is not None
+
+    @property
+    def original_size(self) -> tuple[int, int] | None:
+        """(H, W) of the current image in pixels, or None before ``set_image``."""
+        return self._original_size
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's parameters."""
+        return next(self.model.parameters()).device
+
+    def set_image(self, image: np.ndarray) -> None:
+        """Encode ``image`` (H×W, H×W×1, 1×H×W, H×W×3 or H×W×4) and cache its embedding."""
+        hwc = to_hwc(image)
+        scaled = normalize_intensity(hwc, self.intensity)
+        model_input = self.model.transform.image_to_tensor(scaled).unsqueeze(0).to(self.device)
+        with torch.inference_mode():
+            self._embedding = self.model.encode(model_input)
+        self._original_size = (int(hwc.shape[0]), int(hwc.shape[1]))
+
+    def reset_image(self) -> None:
+        """Drop the cached embedding and image size."""
+        self._embedding = None
+        self._original_size = None
+
+    def predict(
+        self,
+        *,
+        box: np.ndarray | None = None,
+        points: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Segment the current image from prompts in original-image pixels.
+
+        Args:
+            box: (4,) one XYXY box, or (P, 4) for P boxes decoded in one call.
+            points: (N, 2) XY points for one prompt or (P, N, 2), with
+                ``point_labels`` (N,) or (P, N): 1 foreground, 0 background.
+            mask_input: low-res logits (S/4)×(S/4), 1×(S/4)×(S/4) or P×(S/4)×(S/4),
+                usually a previous call's third output.
+            multimask_output: K = 3 candidate masks per prompt when true, else K = 1.
+                Pick among the three with ``select_best_mask`` (highest predicted IoU).
+            return_logits: return float logits instead of boolean masks.
+
+        Returns:
+            masks K×H×W (bool, logits > 0, unless ``return_logits``), scores K
+            (predicted IoU) and low-res logits K×(S/4)×(S/4). With P prompts (a 2-D box
+            array or 3-D points) each output gains a leading P axis.
+        """
+        if self._embedding is None or self._original_size is None:
+            raise RuntimeError("predict needs an image; call set_image(image) first")
+        batched = _is_batched(box, points)
+        boxes_model, points_model, labels = self._prompts_to_model(box, points, point_labels)
+        count = _count(boxes_model, points_model)
+        masks_low = self._mask_input_tensor(mask_input, count)
+
+        with torch.inference_mode():
+            low_res, scores = self.model.decode_prompts(
+                self._embedding,
+                boxes=boxes_model,
+                points=points_model,
+                point_labels=labels,
+                mask_input=masks_low,
+                multimask_output=multimask_output,
+            )
+            full = self.model.transform.masks_to_original(low_res, self._original_size)
+
+        masks = full if return_logits else full > 0
+        outputs = tuple(value.detach().cpu().numpy() for value in (masks, scores, low_res))
+        if not batched:
+            outputs = tuple(value[0] for value in outputs)
+        return outputs
+
+    def _prompts_to_model(
+        self,
+        box: np.ndarray | None,
+        points: np.ndarray | None,
+        point_labels: np.ndarray | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        transform, size, device = self.model.transform, self._original_size, self.device
+        boxes_model = None
+        if box is not None:
+            boxes = np.asarray(box, dtype=np.float32)
+            if boxes.shape == (4,):
+                boxes = boxes[None]
+            if boxes.ndim != 2 or boxes.shape[1] != 4:
+                raise ValueError(f"box must have shape (4,) or (P, 4) XYXY, got {boxes.shape}")
+            boxes_model = torch.from_numpy(transform.boxes_to_model(boxes, size)).to(device)
+
+        if points is None and point_labels is None:
+            return boxes_model, None, None
+        if points is None or point_labels is None:
+            raise ValueError("points and point_labels must be given together (labels: 1 foreground, 0 background)")
+        coords = np.asarray(points, dtype=np.float32)
+        labels = np.asarray(point_labels)
+        if coords.ndim == 2:
+            coords, labels = coords[None], labels[None]
+        if coords.ndim != 3 or coords.shape[2] != 2:
+            raise ValueError(f"points must have shape (N, 2) or (P, N, 2) XY, got {np.shape(points)}")
+        if labels.shape != coords.shape[:2]:
+            raise ValueError(
+                f"point_labels must have shape {coords.shape[:2]} to match points {np.shape(points)}, "
+                f"got {np.shape(point_labels)}"
+            )
+        if not np.isin(labels, (0, 1)).all():
+            raise ValueError(f"point_labels must be 1 (foreground) or 0 (background), got {np.unique(labels)}")
+        points_model = torch.from_numpy(transform.points_to_model(coords, size)).to(device)
+        labels_tensor = torch.from_numpy(labels.astype(np.int64)).to(device)
+        return boxes_model, points_model, labels_tensor
+
+    def _mask_input_tensor(self, mask_input: np.ndarray | None, count: int) -> torch.Tensor | None:
+        if mask_input is None:
+            return None
+        side = self.model.low_res_size
+        masks = np.asarray(mask_input, dtype=np.float32)
+        if masks.ndim == 2:
+            masks = masks[None]
+        if masks.ndim != 3 or masks.shape[1:] != (side, side) or masks.shape[0] not in (1, max(count, 1)):
+            raise ValueError(
+                f"mask_input must have shape {side}×{side}, 1×{side}×{side} or P×{side}×{side} "
+                f"with P = {count} prompts, got {np.shape(mask_input)}"
+            )
+        return torch.from_numpy(masks[:, None]).to(self.device)
+
+
+def _is_batched(box: np.ndarray | None, points: np.ndarray | None) -> bool:
+    if box is not None and np.ndim(box) == 2:
+        return True
+    return points is not None and np.ndim(points) == 3
+
+
+def _count(boxes: torch.Tensor | None, points: torch.Tensor | None) -> int:
+    if boxes is not None:
+        return boxes.shape[0]
+    if points is not None:
+        return points.shape[0]
+    return 0

@@ -1,0 +1,76 @@
+"""Torch dataset of prepared training slices with ground-truth box prompts."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fmadapt.data.layout import to_hwc
+from fmadapt.data.prompts import box_from_mask, jitter_box
+from fmadapt.data.transforms import ImageTransform
+from fmadapt.train.samples import SliceSample
+
+
+class PromptedSliceDataset(Dataset):
+    """Training slices as model inputs, class targets and jittered box prompts.
+
+    Images and low-resolution targets are prepared once, because few-shot sets are small.
+    Box jitter is drawn anew on every access from ``rng``, so each epoch sees other boxes.
+
+    Each item is a dict:
+        ``images``: 3×S×S float32 model input.
+        ``targets``: C×h×w float32 binary class masks at the decoder's output size.
+        ``boxes``: C×4 float32 XYXY boxes in the model frame (zeros where absent).
+        ``present``: C bool, True where the class has foreground.
+    """
+
+    def __init__(
+        self,
+        samples: list[SliceSample],
+        transform: ImageTransform,
+        num_classes: int,
+        *,
+        box_jitter: float,
+        seed: int,
+    ) -> None:
+        self.samples = samples
+        self.transform = transform
+        self.num_classes = num_classes
+        self.box_jitter = box_jitter
+        self.rng = np.random.default_rng(seed)
+        low_res = transform.image_size // 4
+        self.images = [transform.image_to_tensor(to_hwc(s.image)) for s in samples]
+        self.targets = [self._targets(s.label, low_res) for s in samples]
+        self.boxes = [self._boxes(s.label) for s in samples]
+
+    def _targets(self, label: np.ndarray, low_res: int) -> torch.Tensor:
+        classes = np.arange(1, self.num_classes + 1)[:, None, None]
+        masks = torch.from_numpy((label[None] == classes).astype(np.float32))
+        return (self.transform.masks_to_low_res(masks, low_res) >= 0.5).float()
+
+    def _boxes(self, label: np.ndarray) -> list[np.ndarray | None]:
+        return [box_from_mask(label == c) for c in range(1, self.num_classes + 1)]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = self.samples[index]
+        original_size = sample.label.shape[:2]
+        boxes = np.zeros((self.num_classes, 4), dtype=np.float32)
+        present = np.zeros(self.num_classes, dtype=bool)
+        for c, box in enumerate(self.boxes[index]):
+            if box is None:
+                continue
+            if self.box_jitter > 0:
+                box = jitter_box(box, original_size, max_shift=self.box_jitter, rng=self.rng)
+            boxes[c] = box
+            present[c] = True
+        model_boxes = self.transform.boxes_to_model(boxes, original_size)
+        return {
+            "images": self.images[index],
+            "targets": self.targets[index],
+            "boxes": torch.as_tensor(model_boxes, dtype=torch.float32),
+            "present": torch.from_numpy(present),
+        }

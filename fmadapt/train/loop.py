@@ -1,0 +1,223 @@
+"""Few-shot fine-tuning with Hugging Face Accelerate.
+
+The same code runs on one CPU, one GPU, or several processes under ``accelerate launch``:
+Accelerate wraps the model for DDP and shards the sampled batches across processes. Only
+the main process writes files and runs validation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, RandomSampler
+from tqdm.auto import tqdm
+
+from fmadapt import __version__
+from fmadapt.adapt.summary import summarize_parameters
+from fmadapt.adapt.trained_file import save_trained_parameters
+from fmadapt.config import Recipe, resolve_data_root, save_recipe
+from fmadapt.data.datasets import DatasetInfo, read_dataset
+from fmadapt.evaluate.metrics import dice
+from fmadapt.inference.label_maps import embed_image, predict_automatic, predict_with_boxes
+from fmadapt.data.prompts import box_from_mask
+from fmadapt.data.slices import foreground_slices
+from fmadapt.errors import DataError
+from fmadapt.runs import RECIPE_FILE, SPLIT_FILE, build_model
+from fmadapt.train.dataset import PromptedSliceDataset
+from fmadapt.train.objective import FewShotObjective
+from fmadapt.train.samples import (
+    SliceSample,
+    class_ids,
+    load_normalised_case,
+    split_slices_for_evaluation,
+    training_slices,
+)
+from fmadapt.train.splits import SplitPlan, split_cases, split_slices
+
+logger = logging.getLogger(__name__)
+
+HISTORY_FILE = "history.json"
+
+
+@dataclass
+class TrainResult:
+    """Where a run was written and its last validation Dice per mode."""
+
+    run_dir: Path
+    history: list[dict]
+
+
+def plan_split(info: DatasetInfo, recipe: Recipe, label_ids: list[int]) -> SplitPlan:
+    """Draw the run's split with the recipe seed (see ``SplitConfig``)."""
+    split = recipe.data.split
+    case_ids = [case.case_id for case in info.cases]
+    if split.mode == "cases":
+        return split_cases(case_ids, split, recipe.seed)
+    case_id = split.case or case_ids[0]
+    case = load_normalised_case(info, case_id, recipe, label_ids)
+    classes = list(range(1, len(label_ids) + 1))
+    with_foreground = foreground_slices(case.label, recipe.data.axis, classes, min_pixels=1)
+    if not with_foreground:
+        raise DataError(f"case {case_id} contains none of the classes {recipe.data.labels}; check data.labels")
+    extent = (with_foreground[0], with_foreground[-1] + 1)
+    return split_slices(case_id, extent, split, recipe.seed)
+
+
+def validation_samples(info: DatasetInfo, plan: SplitPlan, recipe: Recipe, label_ids: list[int]) -> list[SliceSample]:
+    """Validation slices with foreground, at most ``train.max_validation_slices``, evenly spaced."""
+    samples: list[SliceSample] = []
+    for case_id in plan.cases["validation"]:
+        case = load_normalised_case(info, case_id, recipe, label_ids)
+        slices, _ = split_slices_for_evaluation(case, plan, "validation", recipe.data.axis)
+        samples.extend(s for s in slices if s.label.any())
+    limit = recipe.train.max_validation_slices
+    if len(samples) > limit:
+        keep = np.linspace(0, len(samples) - 1, limit).round().astype(int)
+        samples = [samples[i] for i in keep]
+    return samples
+
+
+def validate(segmenter, samples: list[SliceSample], num_classes: int, modes: list[str]) -> dict[str, float]:
+    """Mean 2D Dice over validation slices and present classes, per mode (boxes without jitter)."""
+    scores: dict[str, list[float]] = {mode: [] for mode in modes}
+    segmenter.eval()
+    for sample in samples:
+        embedding = embed_image(segmenter, sample.image)
+        size = sample.label.shape[:2]
+        boxes = {c: box_from_mask(sample.label == c) for c in range(1, num_classes + 1)}
+        boxes = {c: box for c, box in boxes.items() if box is not None}
+        predictions = {}
+        if "prompted" in modes:
+            predictions["prompted"] = predict_with_boxes(segmenter, embedding, boxes, size, num_classes)
+        if "automatic" in modes:
+            predictions["automatic"] = predict_automatic(segmenter, embedding, size)
+        for mode, predicted in predictions.items():
+            for c in boxes:
+                scores[mode].append(dice(predicted == c, sample.label == c))
+    segmenter.train()
+    return {f"validation_dice_{mode}": float(np.mean(v)) if v else float("nan") for mode, v in scores.items()}
+
+
+def prepare_run_dir(recipe: Recipe, output: str | Path | None) -> Path:
+    """Return the run folder: ``output`` or ``<output_dir>/<name>``; refuse one with a finished run."""
+    run_dir = Path(output) if output else Path(recipe.output_dir) / recipe.name
+    if (run_dir / "trained.safetensors").exists():
+        raise FileExistsError(
+            f"{run_dir} already contains a trained run; pass --output with a new folder or delete it"
+        )
+    return run_dir
+
+
+def train(recipe: Recipe, output: str | Path | None = None) -> TrainResult:
+    """Fine-tune the recipe's model on its few-shot training split and save the run.
+
+    Writes to the run folder: ``recipe.yaml`` (resolved), ``split.json``, ``history.json``
+    (losses and validation Dice per epoch), ``trained.safetensors`` and ``trained.json``.
+    """
+    kwargs = DistributedDataParallelKwargs(find_unused_parameters=True)
+    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision, kwargs_handlers=[kwargs])
+    set_seed(recipe.seed)
+    root = resolve_data_root(recipe)
+    run_dir = prepare_run_dir(recipe, output)
+
+    info = read_dataset(root)
+    label_ids = list(class_ids(info, recipe).values())
+    plan = plan_split(info, recipe, label_ids)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, run_dir / RECIPE_FILE)
+        plan.save(run_dir / SPLIT_FILE)
+        counts = {name: len(cases) for name, cases in plan.cases.items()}
+        logger.info("run folder %s; cases per split %s (listed in %s)", run_dir, counts, SPLIT_FILE)
+
+    model = build_model(recipe)
+    if accelerator.is_main_process:
+        logger.info("parameters:\n%s", summarize_parameters(model))
+    num_classes = len(label_ids)
+    samples = training_slices(info, plan, recipe, label_ids)
+    dataset = PromptedSliceDataset(
+        samples,
+        model.transform,
+        num_classes,
+        box_jitter=recipe.train.box_jitter,
+        seed=recipe.seed + 1000 * accelerator.process_index,
+    )
+    num_samples = recipe.train.steps_per_epoch * recipe.train.batch_size * accelerator.num_processes
+    generator = torch.Generator().manual_seed(recipe.seed)
+    sampler = RandomSampler(dataset, replacement=True, num_samples=num_samples, generator=generator)
+    loader = DataLoader(dataset, batch_size=recipe.train.batch_size, sampler=sampler)
+
+    objective = FewShotObjective(model, recipe.train.modes, recipe.train.iou_loss_weight)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=recipe.train.learning_rate, weight_decay=recipe.train.weight_decay)
+    objective, optimizer, loader = accelerator.prepare(objective, optimizer, loader)
+    validation = validation_samples(info, plan, recipe, label_ids) if accelerator.is_main_process else []
+
+    history = []
+    for epoch in range(recipe.train.epochs):
+        record = _train_epoch(accelerator, objective, optimizer, loader, epoch, recipe.train.epochs)
+        if accelerator.is_main_process and validation:
+            segmenter = accelerator.unwrap_model(objective).segmenter
+            record.update(validate(segmenter, validation, num_classes, recipe.train.modes))
+        history.append(record)
+        if accelerator.is_main_process:
+            logger.info("epoch %d: %s", epoch + 1, _format(record))
+        accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        segmenter = accelerator.unwrap_model(objective).segmenter
+        save_trained_parameters(segmenter, run_dir, config=_trained_config(recipe, plan))
+        _write_json(run_dir / HISTORY_FILE, history)
+        logger.info("saved trained parameters to %s", run_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(run_dir, history)
+
+
+def _train_epoch(accelerator: Accelerator, objective, optimizer, loader, epoch: int, epochs: int) -> dict:
+    objective.train()
+    totals: dict[str, float] = {}
+    steps = 0
+    progress = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not accelerator.is_main_process, leave=False)
+    for batch in progress:
+        losses = objective(**batch)
+        accelerator.backward(losses["loss"])
+        optimizer.step()
+        optimizer.zero_grad()
+        steps += 1
+        for name, value in losses.items():
+            totals[name] = totals.get(name, 0.0) + float(value.detach())
+        progress.set_postfix(loss=f"{float(losses['loss'].detach()):.4f}")
+    record = {"epoch": epoch + 1, "steps": steps}
+    record.update({name if name == "loss" else f"loss_{name}": total / max(steps, 1) for name, total in totals.items()})
+    return record
+
+
+def _trained_config(recipe: Recipe, plan: SplitPlan) -> dict:
+    return {
+        "model": recipe.model.name,
+        "image_size": recipe.model.image_size,
+        "checkpoint": recipe.model.checkpoint,
+        "class_names": list(recipe.data.labels),
+        "adaptation": recipe.to_dict()["adaptation"],
+        "split_seed": plan.seed,
+        "fmadapt_version": __version__,
+    }
+
+
+def _format(record: dict) -> str:
+    return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)

@@ -1,0 +1,68 @@
+"""The few-shot training objective as one module, so DDP sees a single forward per step."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fmadapt.train.losses import dice_bce_loss, iou_head_loss
+
+
+class FewShotObjective(nn.Module):
+    """Compute the prompted and automatic losses of a Segmenter on one batch.
+
+    Prompted mode: each class present in an image is prompted with its (jittered) ground
+    truth box; the single-mask output is compared with that class's mask. Automatic mode:
+    no prompt; the decoder predicts every recipe class from its learned class embedding and
+    each output is compared with its class mask, empty ones included, so the model learns to
+    predict nothing for an absent class. Both modes add the IoU head's loss for masks whose
+    class is present.
+
+    The Segmenter's decoder takes one image embedding at a time, so the batch is looped
+    after encoding all images together.
+    """
+
+    def __init__(self, segmenter: nn.Module, modes: list[str], iou_loss_weight: float = 1.0) -> None:
+        super().__init__()
+        self.segmenter = segmenter
+        self.modes = tuple(modes)
+        self.iou_loss_weight = iou_loss_weight
+
+    def forward(
+        self, images: torch.Tensor, targets: torch.Tensor, boxes: torch.Tensor, present: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Return the losses of a batch.
+
+        Args:
+            images: B×3×S×S preprocessed model inputs.
+            targets: B×C×h×w binary class masks at the decoder's output size (h = w = S/4).
+            boxes: B×C×4 XYXY boxes in the model frame; rows of absent classes are ignored.
+            present: B×C bool, True where the class has foreground in the image.
+
+        Returns:
+            ``loss`` (the sum that is back-propagated) and its parts ``prompted``,
+            ``automatic`` and ``iou`` (zero for a mode that is off).
+        """
+        embeddings = self.segmenter.encode(images)
+        zero = embeddings.sum() * 0.0
+        prompted, automatic, iou = zero, zero, zero
+        for b in range(images.shape[0]):
+            embedding = embeddings[b : b + 1]
+            if "prompted" in self.modes and bool(present[b].any()):
+                classes = present[b].nonzero().squeeze(1)
+                logits, predicted_iou = self.segmenter.decode_prompts(
+                    embedding, boxes=boxes[b, classes], multimask_output=False
+                )
+                class_targets = targets[b, classes]
+                prompted = prompted + dice_bce_loss(logits[:, 0], class_targets)
+                iou = iou + iou_head_loss(predicted_iou[:, 0], logits[:, 0], class_targets)
+            if "automatic" in self.modes:
+                logits, predicted_iou = self.segmenter.decode_classes(embedding)
+                automatic = automatic + dice_bce_loss(logits, targets[b])
+                if bool(present[b].any()):
+                    mask = present[b]
+                    iou = iou + iou_head_loss(predicted_iou[mask], logits[mask], targets[b, mask])
+        batch = images.shape[0]
+        prompted, automatic, iou = prompted / batch, automatic / batch, iou / batch
+        loss = prompted + automatic + self.iou_loss_weight * iou
+        return {"loss": loss, "prompted": prompted.detach(), "automatic": automatic.detach(), "iou": iou.detach()}
