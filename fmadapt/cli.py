@@ -24,7 +24,7 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from fmadapt.evaluate.runner import evaluate_run
 
-    for result in evaluate_run(args.run_dir, args.mode, args.split):
+    for result in evaluate_run(args.run_dir, args.mode, args.split, args.overrides):
         mean = result.summary["overall"]["dice"]["mean"]
         logger.info("%s: mean Dice %s; results in %s", result.folder.name, "n/a" if mean != mean else f"{mean:.4f}", result.folder)
     return 0
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="prompted: ground-truth box per class and slice; automatic: no prompt")
     evaluate.add_argument("--split", choices=["train", "validation", "test"], default=None,
                           help="which split to evaluate (default: the recipe's evaluate.split, normally test)")
+    evaluate.add_argument("overrides", nargs="*", help="evaluate.* overrides as key=value, e.g. evaluate.max_cases=5")
     evaluate.set_defaults(handler=_evaluate)
 
     quickstart = commands.add_parser(

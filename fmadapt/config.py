@@ -129,12 +129,16 @@ class TrainConfig:
 
 @dataclass
 class EvaluateConfig:
-    """Evaluation settings: NSD tolerance in mm (pixels for 2D images) and box jitter levels."""
+    """Evaluation settings: NSD tolerance in mm (pixels for 2D images) and box jitter levels.
+
+    ``max_cases`` evaluates only the first cases of the split (in split order), for quick looks.
+    """
 
     nsd_tolerance_mm: float = 2.0
     box_jitter: list[float] = field(default_factory=lambda: [0.0, 10.0])
     split: str = "test"
     write_predictions: bool = True
+    max_cases: int | None = None
 
 
 @dataclass
@@ -255,6 +259,8 @@ def validate_recipe(recipe: Recipe) -> None:
         fractions = recipe.data.split.slice_fractions
         if any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
             raise RecipeError(f"recipe key 'data.split.slice_fractions' must be >= 0 and sum to 1, got {fractions}")
+    if recipe.evaluate.max_cases is not None and recipe.evaluate.max_cases < 1:
+        raise RecipeError(f"recipe key 'evaluate.max_cases' must be at least 1 or null, got {recipe.evaluate.max_cases}")
     if recipe.evaluate.nsd_tolerance_mm < 0:
         raise RecipeError(f"recipe key 'evaluate.nsd_tolerance_mm' must be >= 0, got {recipe.evaluate.nsd_tolerance_mm}")
 

@@ -7,15 +7,19 @@ load a run's trained parameters.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import warnings
 from pathlib import Path
+
+import torch
 
 from fmadapt.adapt.adapters import AdapterSettings, apply_adapters
 from fmadapt.adapt.freezing import apply_freezing
 from fmadapt.adapt.lora import LoraSettings, apply_lora
-from fmadapt.adapt.trained_file import load_trained_parameters
+from fmadapt.adapt.trained_file import load_trained_parameters, read_trained_config
 from fmadapt.config import Recipe, expand_path, load_recipe
-from fmadapt.errors import FmadaptWarning
+from fmadapt.errors import CheckpointError, FmadaptWarning, RecipeError
 from fmadapt.models.segmenter import Segmenter
 
 logger = logging.getLogger(__name__)
@@ -34,20 +38,28 @@ def build_model(recipe: Recipe) -> Segmenter:
     if checkpoint:
         checkpoint = expand_path(checkpoint, "model.checkpoint")
     else:
-        import warnings
-
         warnings.warn(
             f"model.checkpoint is not set, so {recipe.model.name} starts from random weights; "
             "set model.checkpoint=checkpoints/<file>.pth to adapt a pretrained model",
             FmadaptWarning,
             stacklevel=2,
         )
-    model = Segmenter.from_registry(
-        recipe.model.name,
-        image_size=recipe.model.image_size,
-        checkpoint=checkpoint,
-        class_names=tuple(recipe.data.labels),
-    )
+    # Random initialisation follows the recipe seed, so a run without a checkpoint can be
+    # rebuilt with the same frozen base weights when its trained file is loaded.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        model = Segmenter.from_registry(
+            recipe.model.name,
+            image_size=recipe.model.image_size,
+            checkpoint=checkpoint,
+            class_names=tuple(recipe.data.labels),
+        )
+        _apply_adaptation(model, recipe)
+    apply_freezing(model, recipe.adaptation.preset)
+    return model
+
+
+def _apply_adaptation(model: Segmenter, recipe: Recipe) -> None:
     adaptation = recipe.adaptation
     if adaptation.method == "lora":
         lora = adaptation.lora
@@ -63,21 +75,51 @@ def build_model(recipe: Recipe) -> Segmenter:
             model,
             AdapterSettings(reduction=adapters.reduction, placement=adapters.placement, scale=adapters.scale),
         )
-    apply_freezing(model, adaptation.preset)
-    return model
 
 
-def load_run(run_dir: str | Path) -> tuple[Recipe, Segmenter]:
-    """Rebuild a trained model from a run folder written by ``fmadapt train``."""
+def base_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 over the sum and absolute sum of every frozen parameter, in name order.
+
+    Saved with a run and checked when it is loaded, so trained parameters are never put on
+    a base model whose frozen weights differ (another checkpoint, another seed).
+    """
+    digest = hashlib.sha256()
+    for name, parameter in sorted(model.named_parameters()):
+        if parameter.requires_grad:
+            continue
+        values = parameter.detach().double()
+        digest.update(name.encode())
+        digest.update(f"{values.sum().item():.6e},{values.abs().sum().item():.6e}".encode())
+    return digest.hexdigest()
+
+
+def load_run(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, Segmenter]:
+    """Rebuild a trained model from a run folder written by ``fmadapt train``.
+
+    ``overrides`` (``key=value``) may change ``evaluate.*`` keys only, because every other key
+    must stay as it was when the model was trained.
+    """
     run_dir = Path(run_dir)
+    for override in overrides or []:
+        if not override.startswith("evaluate."):
+            raise RecipeError(
+                f"override {override!r} would change how the trained model was built; only evaluate.* keys "
+                "can be overridden when evaluating a run"
+            )
     recipe_path = run_dir / RECIPE_FILE
     if not recipe_path.is_file():
         raise FileNotFoundError(
             f"{recipe_path} not found; RUN_DIR must be a folder written by `fmadapt train` (it contains "
             f"{RECIPE_FILE}, {SPLIT_FILE} and trained.safetensors)"
         )
-    recipe = load_recipe(recipe_path)
+    recipe = load_recipe(recipe_path, overrides)
     model = build_model(recipe)
+    expected = read_trained_config(run_dir).get("base_fingerprint")
+    if expected is not None and expected != base_fingerprint(model):
+        raise CheckpointError(
+            f"the frozen base weights rebuilt from {recipe_path} differ from those the run in {run_dir} was "
+            f"trained on; check that model.checkpoint ({recipe.model.checkpoint!r}) is the same file as in training"
+        )
     load_trained_parameters(model, run_dir)
     model.eval()
     return recipe, model

@@ -165,7 +165,7 @@ def test_sequential_block_matches_formula():
 
 
 def test_sequential_windowed_block_matches_formula():
-    """Windowed block: the hook sees the attention output still split into windows."""
+    """Windowed block: the hook receives the attention output still split into windows."""
     model = build_model()
     reference = copy.deepcopy(model.image_encoder.blocks[0])
     window = reference.window_size

@@ -180,7 +180,9 @@ def test_summary_table_text():
 
     assert lines[0].split() == ["part", "trainable", "total", "percent"]
     rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
-    assert list(rows) == ["image_encoder", "adapters", "prompt_encoder", "mask_decoder", "class_embeddings", "other", "all"]
+    assert list(rows) == [
+        "image_encoder", "adapters", "prompt_encoder", "mask_decoder", "class_embeddings", "other", "all"
+    ]
     decoder_total = sum(p.numel() for p in model.mask_decoder.parameters())
     assert rows["mask_decoder"] == [f"{decoder_total:,}", f"{decoder_total:,}", "100.00%"]
     assert rows["adapters"][0] == "0"

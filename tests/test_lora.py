@@ -125,7 +125,8 @@ def test_fresh_lora_keeps_output():
 )
 def test_parameter_count_follows_settings(settings, expected):
     model = apply_lora(build_model(), settings)
-    count = sum(parameter.numel() for name, parameter in model.named_parameters() if name in lora_parameter_names(model))
+    lora_names = lora_parameter_names(model)
+    count = sum(parameter.numel() for name, parameter in model.named_parameters() if name in lora_names)
     assert count == expected
 
 

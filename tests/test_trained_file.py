@@ -160,7 +160,7 @@ def test_read_trained_config(trained):
     assert set(config) == {"model", "image_size", "class_names", "lora", "adapters", "preset"}
 
 
-def test_folder_holds_only_two_files(trained, tmp_path):
+def test_folder_contains_two_files(trained, tmp_path):
     model, _, original = trained
     folder = shutil.copytree(original, tmp_path / "run")
     save_trained_parameters(model, folder, config={"again": True})
@@ -182,7 +182,8 @@ def test_load_without_adapters_raises(trained, checkpoint):
 
 def test_load_with_other_rank_raises(trained, checkpoint):
     _, settings, folder = trained
-    other = apply_settings(build_model(checkpoint), (LoraSettings(rank=2, target_modules=("qkv", "proj")), settings[1]))
+    other_lora = LoraSettings(rank=2, target_modules=("qkv", "proj"))
+    other = apply_settings(build_model(checkpoint), (other_lora, settings[1]))
     with pytest.raises(CheckpointError) as info:
         load_trained_parameters(other, folder)
     assert "saved (4, 96), model (2, 96)" in str(info.value)
@@ -222,7 +223,7 @@ def test_nothing_trainable_raises(tmp_path, checkpoint):
 
 def test_config_must_be_json(tmp_path, checkpoint):
     model = build_model(checkpoint)
-    with pytest.raises(TypeError, match="config holds a object value"):
+    with pytest.raises(TypeError, match="config contains a object value"):
         save_trained_parameters(model, tmp_path / "run", config={"bad": object()})
     with pytest.raises(TypeError, match="config must be a dict"):
         save_trained_parameters(model, tmp_path / "run", config=[("preset", "full")])

@@ -115,7 +115,9 @@ def check_block_indices(blocks: object, *, argument: str, depth: int | None = No
     invalid = [i for i in blocks if i < 0 or (depth is not None and i >= depth)]
     if invalid:
         allowed = f"0 to {depth - 1}" if depth is not None else "non-negative"
-        raise ValueError(f"{argument} has invalid block indices {invalid}; the image encoder has indices {allowed}")
+        raise ValueError(
+            f"{argument} has invalid block indices {invalid}; the image encoder has indices {allowed}"
+        )
 
 
 def encoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -123,7 +125,8 @@ def encoder_blocks(model: nn.Module) -> nn.ModuleList:
     encoder = getattr(model, "image_encoder", None)
     if not isinstance(encoder, nn.Module):
         raise TypeError(
-            f"model must have an image_encoder attribute (a SAM ImageEncoderViT), got {type(model).__name__} without one"
+            f"model must have an image_encoder attribute (a SAM ImageEncoderViT), "
+            f"got {type(model).__name__} without one"
         )
     blocks = getattr(encoder, "blocks", None)
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:

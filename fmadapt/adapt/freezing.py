@@ -39,6 +39,11 @@ FREEZING_PRESETS: dict[str, frozenset[str]] = {
 # Parts that train whatever the preset.
 ALWAYS_TRAINED = frozenset({CLASS_EMBEDDINGS})
 
+# Presets that are meaningless without LoRA or bottleneck adapters. "full" trains whatever exists.
+PRESETS_NEEDING_ADAPTERS = frozenset(
+    name for name, parts in FREEZING_PRESETS.items() if ADAPTERS in parts and name != "full"
+)
+
 
 def trained_parts(preset: str) -> frozenset[str]:
     """Return the parts that train under ``preset``, including ``ALWAYS_TRAINED``.
@@ -71,7 +76,7 @@ def apply_freezing(model: nn.Module, preset: str) -> None:
     """
     parts_to_train = trained_parts(preset)
     parts = parameter_parts(model)
-    if ADAPTERS in FREEZING_PRESETS[preset] and preset != "full" and ADAPTERS not in parts.values():
+    if preset in PRESETS_NEEDING_ADAPTERS and ADAPTERS not in parts.values():
         raise ValueError(
             f"freezing preset {preset!r} trains adapters, but the model has none; call apply_lora or "
             "apply_adapters before apply_freezing, or use the 'decoder' or 'decoder_prompt' preset"
@@ -92,4 +97,5 @@ def apply_freezing(model: nn.Module, preset: str) -> None:
             FmadaptWarning,
             stacklevel=2,
         )
-    logger.info("applied freezing preset %r: training parts %s", preset, sorted(parts_to_train & set(parts.values())))
+    present_parts = parts_to_train & set(parts.values())
+    logger.info("applied freezing preset %r: training parts %s", preset, sorted(present_parts))

@@ -127,15 +127,18 @@ def lora_module_names(settings: LoraSettings, depth: int) -> list[str]:
     """
     indices = range(depth) if settings.blocks is None else settings.blocks
     check_block_indices(tuple(indices), argument="LoraSettings.blocks", depth=depth)
-    return [f"blocks.{index}.{BLOCK_LINEAR_PATHS[target]}" for index in indices for target in settings.target_modules]
+    return [
+        f"blocks.{index}.{BLOCK_LINEAR_PATHS[target]}" for index in indices for target in settings.target_modules
+    ]
 
 
 def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     """Inject peft LoRA layers into ``model.image_encoder`` in place.
 
     The prompt encoder, mask decoder and any other part of the model are left untouched. peft
-    sets ``requires_grad=False`` on every base parameter of the image encoder and True on the
-    new LoRA parameters; call ``apply_freezing`` afterwards to choose what trains.
+    (checked with 0.21) sets ``requires_grad=False`` on every base parameter of the image
+    encoder and True on the new LoRA parameters. Call ``apply_freezing`` afterwards to choose
+    what trains.
 
     Args:
         model: a module with an ``image_encoder`` made of segment-anything ``Block`` modules.
@@ -166,7 +169,10 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     )
     inject_adapter_in_model(config, model.image_encoder, adapter_name=LORA_ADAPTER_NAME)
     logger.info(
-        "applied LoRA rank %d alpha %g to %d layers of the image encoder", settings.rank, settings.alpha, len(target_names)
+        "applied LoRA rank %d alpha %g to %d layers of the image encoder",
+        settings.rank,
+        settings.alpha,
+        len(target_names),
     )
     return model
 
@@ -209,7 +215,10 @@ def load_base_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
 
     Args:
         model: the model after ``apply_lora`` or ``apply_adapters``.
-        state_dict: base weights with the key names of the model before adapters were applied.
+        state_dict: base weights with the key names of the model before adapters were applied,
+            such as the ``state_dict()`` of the same model variant without adapters. Files in
+            the official SAM formats go through ``fmadapt.models.checkpoint.load_checkpoint``
+            before adapters are applied instead.
 
     Raises:
         CheckpointError: if the state dict lacks a base key, has a key the model does not know,

@@ -53,7 +53,7 @@ def save_trained_parameters(model: nn.Module, directory: str | os.PathLike, *, c
         The path of ``trained.safetensors``.
 
     Raises:
-        TypeError: if ``config`` is not a dict or holds a value JSON cannot store.
+        TypeError: if ``config`` is not a dict or contains a value that is not JSON-serialisable.
         ValueError: if no parameter of ``model`` has ``requires_grad=True``.
     """
     if not isinstance(config, dict):
@@ -192,6 +192,6 @@ def _to_json_value(value: object) -> object:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     raise TypeError(
-        f"config holds a {type(value).__name__} value ({value!r:.80}) that JSON cannot store; "
+        f"config contains a {type(value).__name__} value ({value!r:.80}) that is not JSON-serialisable; "
         "convert it to a str, number, list or dict"
     )

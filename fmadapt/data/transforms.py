@@ -84,8 +84,8 @@ SAM_PREPROCESS = PreprocessSpec(
 )
 
 # MedSAM's released inference script: resize to 1024×1024 and min-max scale to [0, 1].
-# That script rounds the resized image to uint8 before scaling; this transform keeps
-# float values, which differ from it by at most 1/255 after scaling.
+# That script truncates the resized image to uint8 before scaling. This transform keeps
+# float values, which differ from it by less than one grey level before scaling.
 MEDSAM_PREPROCESS = PreprocessSpec(
     resize="square",
     value_scale=1.0,

@@ -48,12 +48,17 @@ class EvaluationResult:
     summary: dict
 
 
-def evaluate_run(run_dir: str | Path, mode: str, split: str | None = None) -> list[EvaluationResult]:
-    """Evaluate the run in ``run_dir``; prompted mode returns one result per jitter level."""
+def evaluate_run(
+    run_dir: str | Path, mode: str, split: str | None = None, overrides: list[str] | None = None
+) -> list[EvaluationResult]:
+    """Evaluate the run in ``run_dir``; prompted mode returns one result per jitter level.
+
+    ``overrides`` are ``evaluate.*`` recipe keys as ``key=value``, e.g. ``evaluate.max_cases=5``.
+    """
     if mode not in EVALUATION_MODES:
         raise ValueError(f"mode {mode!r} is invalid; choose 'prompted' or 'automatic'")
     run_dir = Path(run_dir)
-    recipe, model = load_run(run_dir)
+    recipe, model = load_run(run_dir, overrides)
     split = split or recipe.evaluate.split
     if split not in SPLIT_NAMES:
         raise ValueError(f"split {split!r} is invalid; choose one of {', '.join(SPLIT_NAMES)}")
@@ -65,7 +70,8 @@ def evaluate_run(run_dir: str | Path, mode: str, split: str | None = None) -> li
     label_ids = list(dataset_ids.values())
 
     jitters = [float(j) for j in recipe.evaluate.box_jitter] if mode == "prompted" else [None]
-    cases = [load_normalised_case(info, case_id, recipe, label_ids) for case_id in plan.cases[split]]
+    case_ids = plan.cases[split][: recipe.evaluate.max_cases]
+    cases = [load_normalised_case(info, case_id, recipe, label_ids) for case_id in case_ids]
     results = []
     for jitter in jitters:
         name = f"eval_{split}_{mode}" + ("" if jitter is None else f"_jitter{jitter:g}")

@@ -30,7 +30,7 @@ from fmadapt.inference.label_maps import embed_image, predict_automatic, predict
 from fmadapt.data.prompts import box_from_mask
 from fmadapt.data.slices import foreground_slices
 from fmadapt.errors import DataError
-from fmadapt.runs import RECIPE_FILE, SPLIT_FILE, build_model
+from fmadapt.runs import RECIPE_FILE, SPLIT_FILE, base_fingerprint, build_model
 from fmadapt.train.dataset import PromptedSliceDataset
 from fmadapt.train.objective import FewShotObjective
 from fmadapt.train.samples import (
@@ -49,10 +49,11 @@ HISTORY_FILE = "history.json"
 
 @dataclass
 class TrainResult:
-    """Where a run was written and its last validation Dice per mode."""
+    """Where a run was written, its per-epoch history and the trained model (in memory)."""
 
     run_dir: Path
     history: list[dict]
+    model: torch.nn.Module
 
 
 def plan_split(info: DatasetInfo, recipe: Recipe, label_ids: list[int]) -> SplitPlan:
@@ -174,12 +175,14 @@ def train(recipe: Recipe, output: str | Path | None = None) -> TrainResult:
 
     if accelerator.is_main_process:
         segmenter = accelerator.unwrap_model(objective).segmenter
-        save_trained_parameters(segmenter, run_dir, config=_trained_config(recipe, plan))
+        config = _trained_config(recipe, plan)
+        config["base_fingerprint"] = base_fingerprint(segmenter)
+        save_trained_parameters(segmenter, run_dir, config=config)
         _write_json(run_dir / HISTORY_FILE, history)
         logger.info("saved trained parameters to %s", run_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(run_dir, history)
+    return TrainResult(run_dir, history, accelerator.unwrap_model(objective).segmenter)
 
 
 def _train_epoch(accelerator: Accelerator, objective, optimizer, loader, epoch: int, epochs: int) -> dict:
