@@ -113,7 +113,11 @@ class AdaptationConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings. ``box_jitter`` is the maximum shift of each box side in pixels."""
+    """Optimisation settings.
+
+    ``box_jitter`` is the maximum shift of each box side in pixels. ``augment`` turns on
+    random flips, quarter turns and crops (``crop_scale`` = side fraction range).
+    """
 
     modes: list[str] = field(default_factory=lambda: list(TRAIN_MODES))
     epochs: int = 10
@@ -123,6 +127,8 @@ class TrainConfig:
     weight_decay: float = 0.01
     box_jitter: float = 10.0
     iou_loss_weight: float = 1.0
+    augment: bool = True
+    crop_scale: tuple[float, float] = (0.6, 1.0)
     mixed_precision: str = "no"
     max_validation_slices: int = 32
 
@@ -251,6 +257,9 @@ def validate_recipe(recipe: Recipe) -> None:
             raise RecipeError(f"recipe key '{key}' must be at least 1, got {value}")
     if recipe.train.learning_rate <= 0:
         raise RecipeError(f"recipe key 'train.learning_rate' must be > 0, got {recipe.train.learning_rate}")
+    low, high = recipe.train.crop_scale
+    if not 0.0 < low <= high <= 1.0:
+        raise RecipeError(f"recipe key 'train.crop_scale' must satisfy 0 < low <= high <= 1, got {recipe.train.crop_scale}")
     if recipe.train.box_jitter < 0 or any(j < 0 for j in recipe.evaluate.box_jitter):
         raise RecipeError("box jitter values must be >= 0 pixels")
     if recipe.data.split.mode == "slices":

@@ -9,14 +9,17 @@ from torch.utils.data import Dataset
 from fmadapt.data.layout import to_hwc
 from fmadapt.data.prompts import box_from_mask, jitter_box
 from fmadapt.data.transforms import ImageTransform
+from fmadapt.train.augment import AugmentSettings, augment_sample
 from fmadapt.train.samples import SliceSample
 
 
 class PromptedSliceDataset(Dataset):
     """Training slices as model inputs, class targets and jittered box prompts.
 
-    Images and low-resolution targets are prepared once, because few-shot sets are small.
-    Box jitter is drawn anew on every access from ``rng``, so each epoch sees other boxes.
+    Without augmentation, images and low-resolution targets are prepared once, because
+    few-shot sets are small. With ``augment`` settings every access draws a new flip,
+    quarter turn and crop, and prepares the result. Box jitter is drawn anew on every
+    access too, so each epoch sees other boxes.
 
     Each item is a dict:
         ``images``: 3×S×S float32 model input.
@@ -33,16 +36,20 @@ class PromptedSliceDataset(Dataset):
         *,
         box_jitter: float,
         seed: int,
+        augment: AugmentSettings | None = None,
     ) -> None:
         self.samples = samples
         self.transform = transform
         self.num_classes = num_classes
         self.box_jitter = box_jitter
+        self.augment = augment
         self.rng = np.random.default_rng(seed)
-        low_res = transform.image_size // 4
-        self.images = [transform.image_to_tensor(to_hwc(s.image)) for s in samples]
-        self.targets = [self._targets(s.label, low_res) for s in samples]
-        self.boxes = [self._boxes(s.label) for s in samples]
+        self.low_res = transform.image_size // 4
+        self.prepared = None if augment else [self._prepare(s.image, s.label) for s in samples]
+
+    def _prepare(self, image: np.ndarray, label: np.ndarray) -> tuple:
+        tensor = self.transform.image_to_tensor(to_hwc(image))
+        return tensor, self._targets(label, self.low_res), self._boxes(label), label.shape[:2]
 
     def _targets(self, label: np.ndarray, low_res: int) -> torch.Tensor:
         classes = np.arange(1, self.num_classes + 1)[:, None, None]
@@ -56,11 +63,15 @@ class PromptedSliceDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        sample = self.samples[index]
-        original_size = sample.label.shape[:2]
+        if self.prepared is not None:
+            image, targets, class_boxes, original_size = self.prepared[index]
+        else:
+            sample = self.samples[index]
+            augmented = augment_sample(sample.image, sample.label, self.augment, self.rng)
+            image, targets, class_boxes, original_size = self._prepare(*augmented)
         boxes = np.zeros((self.num_classes, 4), dtype=np.float32)
         present = np.zeros(self.num_classes, dtype=bool)
-        for c, box in enumerate(self.boxes[index]):
+        for c, box in enumerate(class_boxes):
             if box is None:
                 continue
             if self.box_jitter > 0:
@@ -69,8 +80,8 @@ class PromptedSliceDataset(Dataset):
             present[c] = True
         model_boxes = self.transform.boxes_to_model(boxes, original_size)
         return {
-            "images": self.images[index],
-            "targets": self.targets[index],
+            "images": image,
+            "targets": targets,
             "boxes": torch.as_tensor(model_boxes, dtype=torch.float32),
             "present": torch.from_numpy(present),
         }

@@ -31,6 +31,7 @@ from fmadapt.data.prompts import box_from_mask
 from fmadapt.data.slices import foreground_slices
 from fmadapt.errors import DataError
 from fmadapt.runs import RECIPE_FILE, SPLIT_FILE, base_fingerprint, build_model
+from fmadapt.train.augment import AugmentSettings
 from fmadapt.train.dataset import PromptedSliceDataset
 from fmadapt.train.objective import FewShotObjective
 from fmadapt.train.samples import (
@@ -150,6 +151,7 @@ def train(recipe: Recipe, output: str | Path | None = None) -> TrainResult:
         num_classes,
         box_jitter=recipe.train.box_jitter,
         seed=recipe.seed + 1000 * accelerator.process_index,
+        augment=AugmentSettings(crop_scale=tuple(recipe.train.crop_scale)) if recipe.train.augment else None,
     )
     num_samples = recipe.train.steps_per_epoch * recipe.train.batch_size * accelerator.num_processes
     generator = torch.Generator().manual_seed(recipe.seed)
