@@ -44,7 +44,7 @@ class IntensityConfig:
 
 @dataclass
 class SplitConfig:
-    """How cases (or slices of one case) are divided into train, validation and test.
+    """Division of cases, or of the slices of one case, into train, validation and test.
 
     ``mode: cases`` draws ``train`` cases at random with the recipe seed, then ``validation``
     cases from the rest; the remaining cases are the test split. ``mode: slices`` uses one
@@ -103,7 +103,7 @@ class AdapterConfigSection:
 
 @dataclass
 class AdaptationConfig:
-    """What is added to the encoder and which parts train (a freezing preset)."""
+    """Encoder adaptation method (LoRA, adapters or none) and the freezing preset that picks what trains."""
 
     method: str = "lora"
     preset: str = "adapters_decoder"

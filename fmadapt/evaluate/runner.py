@@ -4,7 +4,9 @@ Prompted mode gives the model the ground-truth box of every class on every slice
 class is present, once per jitter level of the recipe (``evaluate.box_jitter``, pixels).
 Automatic mode gives no prompt: the model predicts all recipe classes from the image alone.
 Slice predictions are put back into volumes, and metrics are computed per case and class
-in 3D with the voxel spacing (2D images: per image, spacing 1 pixel).
+in 3D with the voxel spacing (2D images: per image, spacing 1 pixel). Each class is judged
+on its own mask (logit > 0), so overlapping masks of two classes are not cut against each
+other; the written label map gives overlaps to the class with the larger logit.
 
 Each evaluation writes ``per_case.csv``, ``summary.json`` and ``predictions/CASE.nii.gz``
 into ``RUN_DIR/eval_<split>_<mode>[_jitter<J>]``. The folder is built under a temporary
@@ -28,7 +30,12 @@ from fmadapt.data.prompts import box_from_mask, jitter_box
 from fmadapt.errors import RecipeError
 from fmadapt.evaluate.metrics import compute_case_metrics
 from fmadapt.evaluate.results import MetricTable
-from fmadapt.inference.label_maps import embed_image, predict_automatic, predict_with_boxes
+from fmadapt.inference.label_maps import (
+    class_logits_automatic,
+    class_logits_from_boxes,
+    embed_image,
+    logits_to_label_map,
+)
 from fmadapt.runs import SPLIT_FILE, load_run
 from fmadapt.train.samples import LoadedCase, SliceSample, class_ids, load_normalised_case, split_slices_for_evaluation
 from fmadapt.train.splits import SPLIT_NAMES, SplitPlan
@@ -104,24 +111,18 @@ def _evaluate_cases(
     try:
         for case in tqdm(cases, desc=f"{mode} {split}", leave=False):
             slices, block = split_slices_for_evaluation(case, plan, split, axis)
-            predicted = _predict_case(model, case, slices, axis, mode, jitter, len(recipe_ids), rng)
-            reference = case.label
+            masks, merged = _predict_case(model, case, slices, axis, mode, jitter, len(recipe_ids), rng)
+            region = [slice(None)] * case.label.ndim
             if block is not None:
-                region = [slice(None)] * reference.ndim
                 region[axis] = slice(*block)
-                predicted_region, reference_region = predicted[tuple(region)], reference[tuple(region)]
-            else:
-                predicted_region, reference_region = predicted, reference
-            spacing = case.label_source.spacing
-            rows = compute_case_metrics(
-                predicted_region, reference_region, spacing, recipe_ids, recipe.evaluate.nsd_tolerance_mm
-            )
+            region = tuple(region)
+            rows = _class_metrics(masks, case.label, region, case.label_source.spacing, recipe_ids, recipe)
             extra = {"mode": mode, "jitter": jitter if jitter is not None else ""}
             if block is not None:
                 extra["slices"] = f"{block[0]}-{block[1] - 1}"
             table.add_case(case.case_id, rows, **extra)
             if recipe.evaluate.write_predictions:
-                labels = _to_dataset_ids(predicted, list(dataset_ids.values()))
+                labels = _to_dataset_ids(merged, list(dataset_ids.values()))
                 write_segmentation(partial / "predictions" / f"{case.case_id}.nii.gz", labels, case.label_source)
         table.write(partial)
     except BaseException:
@@ -142,14 +143,20 @@ def _predict_case(
     jitter: float | None,
     num_classes: int,
     rng: np.random.Generator,
-) -> np.ndarray:
-    """Predict every slice of ``slices`` and place them into a label volume like case.label."""
-    volume = np.zeros(case.label.shape, dtype=np.uint8)
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predict every slice of ``slices`` and place the results into volumes like case.label.
+
+    Returns:
+        C×(shape of case.label) bool class masks (logit > 0) and the merged uint8 label
+        map with classes 1..C. Slices outside ``slices`` stay empty.
+    """
+    masks = np.zeros((num_classes, *case.label.shape), dtype=bool)
+    merged = np.zeros(case.label.shape, dtype=np.uint8)
     for sample in slices:
         embedding = embed_image(model, sample.image)
         size = sample.label.shape[:2]
         if mode == "automatic":
-            labels = predict_automatic(model, embedding, size)
+            logits = class_logits_automatic(model, embedding, size)
         else:
             boxes = {}
             for c in range(1, num_classes + 1):
@@ -159,14 +166,32 @@ def _predict_case(
                 if jitter:
                     box = jitter_box(box, size, max_shift=jitter, rng=rng)
                 boxes[c] = box
-            labels = predict_with_boxes(model, embedding, boxes, size, num_classes)
-        if axis is None:
-            volume[...] = labels
-        else:
-            index = [slice(None)] * volume.ndim
+            logits = class_logits_from_boxes(model, embedding, boxes, size, num_classes)
+        index = [slice(None)] * case.label.ndim
+        if axis is not None:
             index[axis] = sample.index
-            volume[tuple(index)] = labels
-    return volume
+        masks[(slice(None), *index)] = (logits > 0).numpy()
+        merged[tuple(index)] = logits_to_label_map(logits)
+    return masks, merged
+
+
+def _class_metrics(
+    masks: np.ndarray,
+    reference: np.ndarray,
+    region: tuple,
+    spacing: tuple[float, ...],
+    recipe_ids: dict[str, int],
+    recipe: Recipe,
+) -> list[dict]:
+    """Metrics of each class on its own C×… mask channel inside ``region`` of the volume."""
+    rows = []
+    for name, class_id in recipe_ids.items():
+        predicted = masks[class_id - 1][region].astype(np.uint8)
+        expected = (reference[region] == class_id).astype(np.uint8)
+        (row,) = compute_case_metrics(predicted, expected, spacing, {name: 1}, recipe.evaluate.nsd_tolerance_mm)
+        row["class_id"] = class_id
+        rows.append(row)
+    return rows
 
 
 def _to_dataset_ids(labels: np.ndarray, dataset_label_ids: list[int]) -> np.ndarray:

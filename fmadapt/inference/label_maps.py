@@ -1,7 +1,10 @@
-"""Label-map prediction on one 2D image: every class with a box prompt, or with no prompt.
+"""Class logits on one 2D image: every class from its box prompt, or with no prompt.
 
 These functions drive evaluation and the validation pass of training. They take a
-Segmenter and return H×W label maps at the original resolution with classes 1..C.
+Segmenter and return C×H×W logits at the original resolution, one channel per class in
+recipe order. Each class is judged on its own channel (logit > 0), as a box-prompted
+model is evaluated object by object; ``logits_to_label_map`` merges the channels into
+one label map for files.
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ def embed_image(segmenter, image: np.ndarray) -> torch.Tensor:
 
 
 def logits_to_label_map(logits: torch.Tensor) -> np.ndarray:
-    """Turn C×H×W class logits into an H×W uint8 map: the highest class where its logit > 0."""
+    """Merge C×H×W class logits into an H×W uint8 map: the highest class where its logit > 0.
+
+    Where the masks of two classes overlap, the class with the larger logit wins.
+    """
     if logits.shape[0] == 0:
         raise ValueError("logits has no class channel (shape 0×H×W)")
     best, index = logits.max(dim=0)
@@ -30,14 +36,14 @@ def logits_to_label_map(logits: torch.Tensor) -> np.ndarray:
 
 
 @torch.inference_mode()
-def predict_with_boxes(
+def class_logits_from_boxes(
     segmenter,
     embedding: torch.Tensor,
     boxes: dict[int, np.ndarray],
     original_size: tuple[int, int],
     num_classes: int,
-) -> np.ndarray:
-    """Segment each class from its box; returns an H×W uint8 label map.
+) -> torch.Tensor:
+    """Segment each class from its box; returns C×H×W float32 logits on the CPU.
 
     Args:
         embedding: 1×E×h×w image embedding.
@@ -46,8 +52,8 @@ def predict_with_boxes(
         original_size: (H, W) of the image.
         num_classes: C.
 
-    All boxes go through the decoder in one call. Where two classes overlap, the one with
-    the larger logit wins.
+    All boxes go through the decoder in one call. Channels of classes without a box are
+    -inf, so they are never predicted.
     """
     height, width = original_size
     logits = torch.full((num_classes, height, width), -torch.inf)
@@ -61,12 +67,11 @@ def predict_with_boxes(
         upsampled = segmenter.transform.masks_to_original(low_res[:, 0].float().cpu(), original_size)
         for row, c in enumerate(classes):
             logits[c - 1] = upsampled[row]
-    return logits_to_label_map(logits)
+    return logits
 
 
 @torch.inference_mode()
-def predict_automatic(segmenter, embedding: torch.Tensor, original_size: tuple[int, int]) -> np.ndarray:
-    """Segment every class of the model without a prompt; returns an H×W uint8 label map."""
+def class_logits_automatic(segmenter, embedding: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
+    """Segment every class of the model without a prompt; returns C×H×W float32 logits on the CPU."""
     low_res, _ = segmenter.decode_classes(embedding)
-    logits = segmenter.transform.masks_to_original(low_res.float().cpu(), original_size)
-    return logits_to_label_map(logits)
+    return segmenter.transform.masks_to_original(low_res.float().cpu(), original_size)

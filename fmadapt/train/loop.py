@@ -26,7 +26,7 @@ from fmadapt.adapt.trained_file import save_trained_parameters
 from fmadapt.config import Recipe, resolve_data_root, save_recipe
 from fmadapt.data.datasets import DatasetInfo, read_dataset
 from fmadapt.evaluate.metrics import dice
-from fmadapt.inference.label_maps import embed_image, predict_automatic, predict_with_boxes
+from fmadapt.inference.label_maps import class_logits_automatic, class_logits_from_boxes, embed_image
 from fmadapt.data.prompts import box_from_mask
 from fmadapt.data.slices import foreground_slices
 from fmadapt.errors import DataError
@@ -96,14 +96,14 @@ def validate(segmenter, samples: list[SliceSample], num_classes: int, modes: lis
         size = sample.label.shape[:2]
         boxes = {c: box_from_mask(sample.label == c) for c in range(1, num_classes + 1)}
         boxes = {c: box for c, box in boxes.items() if box is not None}
-        predictions = {}
+        logits = {}
         if "prompted" in modes:
-            predictions["prompted"] = predict_with_boxes(segmenter, embedding, boxes, size, num_classes)
+            logits["prompted"] = class_logits_from_boxes(segmenter, embedding, boxes, size, num_classes)
         if "automatic" in modes:
-            predictions["automatic"] = predict_automatic(segmenter, embedding, size)
-        for mode, predicted in predictions.items():
+            logits["automatic"] = class_logits_automatic(segmenter, embedding, size)
+        for mode, class_logits in logits.items():
             for c in boxes:
-                scores[mode].append(dice(predicted == c, sample.label == c))
+                scores[mode].append(dice(class_logits[c - 1].numpy() > 0, sample.label == c))
     segmenter.train()
     return {f"validation_dice_{mode}": float(np.mean(v)) if v else float("nan") for mode, v in scores.items()}
 
