@@ -1,10 +1,11 @@
-"""The ``fmadapt`` command: train, evaluate, quickstart, models."""
+"""The ``fmadapt`` command: train, evaluate, quickstart, models, checkpoints."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from fmadapt import __version__
 
@@ -46,6 +47,21 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoints(args: argparse.Namespace) -> int:
+    from fmadapt.models.manifest import read_manifest, verify_checkpoint
+
+    failed = 0
+    for entry in read_manifest():
+        path = Path(args.folder) / entry.file_name
+        if not path.is_file():
+            sys.stdout.write(f"{entry.model:14s} {entry.file_name:24s} missing (download: {entry.source})\n")
+            continue
+        result = verify_checkpoint(path, entry)
+        failed += not result.ok
+        sys.stdout.write(f"{entry.model:14s} {entry.file_name:24s} {result.status.value}: {result.message}\n")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fmadapt", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fmadapt {__version__}")
@@ -76,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="list the model registry")
     models.set_defaults(handler=_models)
+
+    checkpoints = commands.add_parser(
+        "checkpoints", help="check the official checkpoint files in a folder against their size and SHA-256"
+    )
+    checkpoints.add_argument("--folder", default="checkpoints", help="folder that contains the .pth files")
+    checkpoints.set_defaults(handler=_checkpoints)
     return parser
 
 
@@ -93,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as error:
+        # User errors get one readable line; --log-level DEBUG adds the traceback.
         logger.error("%s", error)
+        logger.debug("traceback of the error above", exc_info=True)
         return 2
 
 

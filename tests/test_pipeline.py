@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fmadapt import cli
 from fmadapt.config import load_recipe
 from fmadapt.evaluate.runner import evaluate_run
 from fmadapt.inference.label_maps import class_logits_automatic, embed_image, logits_to_label_map
@@ -119,20 +118,3 @@ def test_saved_parameters_reproduce_trained_model(data_root, tmp_path, monkeypat
         low_second, _ = reloaded.decode_classes(second)
         assert torch.max(torch.abs(low_first - low_second)).item() < 1e-6
     assert torch.equal(class_logits_automatic(trained, first, (90, 130)), class_logits_automatic(reloaded, second, (90, 130)))
-
-
-def test_cli_unset_data_path_fails_at_once(tmp_path, monkeypatch, caplog):
-    monkeypatch.delenv("FMADAPT_DATA", raising=False)
-    recipe = REPO_ROOT / "recipes" / "kvasir_polyp_5shot_lora.yaml"
-    code = cli.main(["train", str(recipe), "--output", str(tmp_path / "run")])
-    assert code == 2
-    assert "FMADAPT_DATA" in caplog.text
-    assert "data.root" in caplog.text
-    assert not (tmp_path / "run").exists()
-
-
-def test_cli_overrides_after_options(tmp_path, monkeypatch):
-    monkeypatch.setenv("FMADAPT_DATA", str(tmp_path))
-    recipe = REPO_ROOT / "recipes" / "kvasir_polyp_5shot_lora.yaml"
-    args, extra = cli.build_parser().parse_known_args(["train", str(recipe), "--output", "x", "train.epochs=2"])
-    assert extra == ["train.epochs=2"]

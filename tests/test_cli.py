@@ -1,0 +1,46 @@
+"""The fmadapt command line: listing, checkpoint checks, argument handling."""
+
+from fmadapt import cli
+
+from conftest import REPO_ROOT
+
+
+def test_models_lists_registry(capsys):
+    assert cli.main(["models"]) == 0
+    output = capsys.readouterr().out
+    for name in ("sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b", "sam_vit_tiny"):
+        assert name in output
+
+
+def test_checkpoints_reports_missing_and_wrong_files(tmp_path, capsys):
+    (tmp_path / "sam_vit_b_01ec64.pth").write_bytes(b"not the real file")
+    code = cli.main(["checkpoints", "--folder", str(tmp_path)])
+    output = capsys.readouterr().out
+    assert code == 1
+    assert "sam_vit_b_01ec64.pth" in output
+    assert "size_mismatch" in output
+    assert "medsam_vit_b.pth         missing" in output
+
+
+def test_unset_data_path_fails_at_once(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("FMADAPT_DATA", raising=False)
+    recipe = REPO_ROOT / "recipes" / "kvasir_polyp_5shot_lora.yaml"
+    code = cli.main(["train", str(recipe), "--output", str(tmp_path / "run")])
+    assert code == 2
+    assert "FMADAPT_DATA" in caplog.text
+    assert "data.root" in caplog.text
+    assert not (tmp_path / "run").exists()
+
+
+def test_overrides_after_options_collected():
+    recipe = REPO_ROOT / "recipes" / "kvasir_polyp_5shot_lora.yaml"
+    parser = cli.build_parser()
+    args, extra = parser.parse_known_args(["train", str(recipe), "--output", "x", "train.epochs=2"])
+    assert extra == ["train.epochs=2"]
+    assert args.output == "x"
+
+
+def test_evaluate_rejects_training_overrides(tmp_path, caplog):
+    code = cli.main(["evaluate", str(tmp_path), "--mode", "automatic", "train.epochs=3"])
+    assert code == 2
+    assert "only evaluate.* keys" in caplog.text
