@@ -26,7 +26,7 @@ WHITE_MATTER_THRESHOLD = 0.5
 
 
 def quickstart_recipe(data_root: Path) -> dict:
-    """The quickstart recipe as nested dicts: small model, 128 px input, 6 training slices."""
+    """Return the quickstart recipe as nested dicts: small model, 128 px input, 6 training slices."""
     return {
         "name": "quickstart_mni152_white_matter",
         "seed": 0,

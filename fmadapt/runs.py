@@ -31,8 +31,8 @@ SPLIT_FILE = "split.json"
 def build_model(recipe: Recipe) -> Segmenter:
     """Build the recipe's Segmenter with its checkpoint, adapters and freezing preset.
 
-    Without ``model.checkpoint`` the encoder and decoder start from random weights; a
-    warning says so, because such a model is only useful to test the pipeline.
+    Without ``model.checkpoint`` the encoder and decoder start from random weights, and
+    a FmadaptWarning is issued because such a model is only useful to test the pipeline.
     """
     checkpoint = recipe.model.checkpoint
     if checkpoint:

@@ -19,7 +19,7 @@ class PromptedSliceDataset(Dataset):
     Without augmentation, images and low-resolution targets are prepared once, because
     few-shot sets are small. With ``augment`` settings every access draws a new flip,
     quarter turn and crop, and prepares the result. Box jitter is drawn anew on every
-    access too, so each epoch sees other boxes.
+    access too, so each epoch trains on other boxes.
 
     Each item is a dict:
         ``images``: 3×S×S float32 model input.

@@ -50,7 +50,7 @@ HISTORY_FILE = "history.json"
 
 @dataclass
 class TrainResult:
-    """Where a run was written, its per-epoch history and the trained model (in memory)."""
+    """Result of a training run: its folder, the per-epoch history and the trained model in memory."""
 
     run_dir: Path
     history: list[dict]

@@ -1,4 +1,4 @@
-"""The few-shot training objective as one module, so DDP sees a single forward per step."""
+"""The few-shot training objective as one module, so DDP wraps a single forward per step."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ class FewShotObjective(nn.Module):
 
     Prompted mode: each class present in an image is prompted with its (jittered) ground
     truth box; the single-mask output is compared with that class's mask. Automatic mode:
-    no prompt; the decoder predicts every recipe class from its learned class embedding and
-    each output is compared with its class mask, empty ones included, so the model learns to
+    no prompt; the decoder predicts every recipe class from its learned class embedding. Each
+    output is compared with its class mask, empty ones included, so the model learns to
     predict nothing for an absent class. Both modes add the IoU head's loss for masks whose
     class is present.
 

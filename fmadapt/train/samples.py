@@ -1,6 +1,6 @@
 """2D samples for training and evaluation: normalised slices with remapped label maps.
 
-A recipe names its classes; every label map here holds 0 for background and 1..C for those
+A recipe names its classes; every label map here contains 0 for background and 1..C for those
 classes in recipe order. Intensity scaling runs once per volume, before slicing, so a
 percentile window is the same on every slice of a scan.
 """
@@ -134,7 +134,7 @@ def training_slices(
 def split_slices_for_evaluation(
     case: LoadedCase, plan: SplitPlan, split: str, axis: int | None
 ) -> tuple[list[SliceSample], tuple[int, int] | None]:
-    """All slices of ``case`` that belong to ``split`` and the slice range they span."""
+    """Return the slices of ``case`` that belong to ``split`` and the slice range they span."""
     if axis is None:
         return case_slices(case, None), None
     block = plan.slice_range(split)
