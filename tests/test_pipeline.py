@@ -17,6 +17,7 @@ from fmadapt.runs import load_run
 from fmadapt.train.loop import train
 
 from conftest import REPO_ROOT, require_dataset
+from tiny_checkpoints import save_tiny_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:model.checkpoint is not set")
 
@@ -118,3 +119,22 @@ def test_saved_parameters_reproduce_trained_model(data_root, tmp_path, monkeypat
         low_second, _ = reloaded.decode_classes(second)
         assert torch.max(torch.abs(low_first - low_second)).item() < 1e-6
     assert torch.equal(class_logits_automatic(trained, first, (90, 130)), class_logits_automatic(reloaded, second, (90, 130)))
+
+
+def test_recipe_with_named_checkpoint(data_root, tmp_path, monkeypatch):
+    """A registry model with an official-format checkpoint file (saved at 256 px, run at 128 px)."""
+    require_dataset(data_root, "Dataset001_TotalSegCT")
+    checkpoint = save_tiny_checkpoint(tmp_path / "sam_tiny_official.pth", "sam_vit_tiny", seed=3)
+    result = run_recipe(
+        "totalseg_ct_fewshot_lora.yaml", data_root, tmp_path, monkeypatch, [f"model.checkpoint={checkpoint}"]
+    )
+    reference = torch.load(checkpoint, weights_only=True)
+    loaded = result.model.state_dict()
+    # Frozen prompt-encoder weights come straight from the file; LoRA wraps the qkv weights.
+    name = "prompt_encoder.point_embeddings.0.weight"
+    assert torch.equal(loaded[name], reference[name])
+    assert torch.equal(loaded["image_encoder.blocks.0.attn.qkv.base_layer.weight"], reference["image_encoder.blocks.0.attn.qkv.weight"])
+    assert loaded["image_encoder.pos_embed"].shape[1:3] == (8, 8)
+
+    _, reloaded = load_run(result.run_dir)
+    assert torch.equal(reloaded.state_dict()[name], reference[name])
