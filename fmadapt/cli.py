@@ -17,7 +17,7 @@ def _train(args: argparse.Namespace) -> int:
     from fmadapt.train.loop import train
 
     recipe = load_recipe(args.recipe, args.overrides)
-    result = train(recipe, args.output)
+    result = train(recipe, args.output, resume=args.resume)
     logger.info("training finished; run folder: %s", result.run_dir)
     return 0
 
@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="few-shot fine-tuning from a YAML recipe")
     train.add_argument("recipe", help="path of the YAML recipe")
     train.add_argument("--output", help="run folder (default: <output_dir>/<name> from the recipe)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run in --output from its last epoch checkpoint")
     train.add_argument("overrides", nargs="*", help="recipe overrides as key=value, e.g. train.epochs=3")
     train.set_defaults(handler=_train)
 

@@ -25,6 +25,7 @@ SPLIT_MODES = ("cases", "slices")
 ADAPTATION_METHODS = ("lora", "adapters", "none")
 TRAIN_MODES = ("prompted", "automatic")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+SCHEDULERS = ("cosine", "constant")
 
 
 @dataclass
@@ -117,6 +118,9 @@ class TrainConfig:
 
     ``box_jitter`` is the maximum shift of each box side in pixels. ``augment`` turns on
     random flips, quarter turns and crops (``crop_scale`` = side fraction range).
+    ``scheduler`` is ``cosine`` or ``constant`` after ``warmup_steps`` optimizer steps of
+    linear warm-up; ``max_grad_norm`` clips the gradient norm (null turns clipping off).
+    ``mixed_precision`` is ``no``, ``bf16`` (CPU or GPU) or ``fp16`` (GPU, with a grad scaler).
     """
 
     modes: list[str] = field(default_factory=lambda: list(TRAIN_MODES))
@@ -129,6 +133,10 @@ class TrainConfig:
     iou_loss_weight: float = 1.0
     augment: bool = True
     crop_scale: tuple[float, float] = (0.6, 1.0)
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    scheduler: str = "cosine"
+    warmup_steps: int = 0
     mixed_precision: str = "no"
     max_validation_slices: int = 32
 
@@ -240,6 +248,7 @@ def validate_recipe(recipe: Recipe) -> None:
     _check_choice("data.split.mode", recipe.data.split.mode, SPLIT_MODES)
     _check_choice("adaptation.method", recipe.adaptation.method, ADAPTATION_METHODS)
     _check_choice("train.mixed_precision", recipe.train.mixed_precision, MIXED_PRECISION)
+    _check_choice("train.scheduler", recipe.train.scheduler, SCHEDULERS)
     for mode in recipe.train.modes:
         _check_choice("train.modes", mode, TRAIN_MODES)
     if not recipe.train.modes:
@@ -251,10 +260,15 @@ def validate_recipe(recipe: Recipe) -> None:
         "train.steps_per_epoch": recipe.train.steps_per_epoch,
         "train.batch_size": recipe.train.batch_size,
         "data.split.train": recipe.data.split.train,
+        "train.gradient_accumulation_steps": recipe.train.gradient_accumulation_steps,
     }
     for key, value in positive.items():
         if value < 1:
             raise RecipeError(f"recipe key '{key}' must be at least 1, got {value}")
+    if recipe.train.warmup_steps < 0:
+        raise RecipeError(f"recipe key 'train.warmup_steps' must be >= 0, got {recipe.train.warmup_steps}")
+    if recipe.train.max_grad_norm is not None and recipe.train.max_grad_norm <= 0:
+        raise RecipeError(f"recipe key 'train.max_grad_norm' must be > 0 or null, got {recipe.train.max_grad_norm}")
     if recipe.train.learning_rate <= 0:
         raise RecipeError(f"recipe key 'train.learning_rate' must be > 0, got {recipe.train.learning_rate}")
     low, high = recipe.train.crop_scale

@@ -59,6 +59,10 @@ class PromptedSliceDataset(Dataset):
     def _boxes(self, label: np.ndarray) -> list[np.ndarray | None]:
         return [box_from_mask(label == c) for c in range(1, self.num_classes + 1)]
 
+    def reseed(self, seed: int, process_index: int, epoch: int) -> None:
+        """Restart the jitter and augmentation draws for one epoch of one process."""
+        self.rng = np.random.default_rng([seed, process_index, epoch])
+
     def __len__(self) -> int:
         return len(self.samples)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,15 +24,21 @@ from tqdm.auto import tqdm
 from fmadapt import __version__
 from fmadapt.adapt.summary import summarize_parameters
 from fmadapt.adapt.trained_file import save_trained_parameters
-from fmadapt.config import Recipe, resolve_data_root, save_recipe
+from fmadapt.config import Recipe, load_recipe, resolve_data_root, save_recipe
 from fmadapt.data.datasets import DatasetInfo, read_dataset
 from fmadapt.evaluate.metrics import dice
 from fmadapt.inference.label_maps import class_logits_automatic, class_logits_from_boxes, embed_image
 from fmadapt.data.prompts import box_from_mask
 from fmadapt.data.slices import foreground_slices
-from fmadapt.errors import DataError
+from fmadapt.errors import DataError, RecipeError
 from fmadapt.runs import RECIPE_FILE, SPLIT_FILE, base_fingerprint, build_model
 from fmadapt.train.augment import AugmentSettings
+from fmadapt.train.checkpointing import (
+    find_checkpoint,
+    load_training_state,
+    remove_training_state,
+    save_training_state,
+)
 from fmadapt.train.dataset import PromptedSliceDataset
 from fmadapt.train.objective import FewShotObjective
 from fmadapt.train.samples import (
@@ -108,32 +115,87 @@ def validate(segmenter, samples: list[SliceSample], num_classes: int, modes: lis
     return {f"validation_dice_{mode}": float(np.mean(v)) if v else float("nan") for mode, v in scores.items()}
 
 
-def prepare_run_dir(recipe: Recipe, output: str | Path | None) -> Path:
-    """Return the run folder: ``output`` or ``<output_dir>/<name>``; refuse one with a finished run."""
+def prepare_run_dir(recipe: Recipe, output: str | Path | None, resume: bool) -> Path:
+    """Return the run folder: ``output`` or ``<output_dir>/<name>``.
+
+    Raises when the folder holds a finished run, when it holds an unfinished one and
+    ``resume`` is false, and when ``resume`` is true but there is nothing to resume.
+    """
     run_dir = Path(output) if output else Path(recipe.output_dir) / recipe.name
     if (run_dir / "trained.safetensors").exists():
         raise FileExistsError(
             f"{run_dir} already contains a trained run; pass --output with a new folder or delete it"
         )
+    checkpoint = find_checkpoint(run_dir)
+    if resume and checkpoint is None:
+        raise FileNotFoundError(f"{run_dir} has no training checkpoint to resume; run without --resume")
+    if not resume and checkpoint is not None:
+        raise FileExistsError(
+            f"{run_dir} contains an unfinished run (checkpoint {checkpoint.name}); pass --resume to continue it "
+            "or choose a new --output folder"
+        )
+    if resume:
+        saved = load_recipe(run_dir / RECIPE_FILE)
+        if saved.to_dict() != recipe.to_dict():
+            raise RecipeError(
+                f"the recipe differs from the one saved in {run_dir / RECIPE_FILE}; resume with the same "
+                "recipe and overrides as the interrupted run"
+            )
     return run_dir
 
 
-def train(recipe: Recipe, output: str | Path | None = None) -> TrainResult:
+def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``train.warmup_steps`` optimizer steps, then ``train.scheduler``."""
+    total = max(1, recipe.train.epochs * recipe.train.steps_per_epoch // recipe.train.gradient_accumulation_steps)
+    warmup = recipe.train.warmup_steps
+    cosine = recipe.train.scheduler == "cosine"
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if not cosine:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_accelerator(recipe: Recipe) -> Accelerator:
+    """Accelerator with the recipe's precision and accumulation.
+
+    Unused-parameter detection stays on in DDP: SAM's decoder computes four mask tokens but
+    single-mask training uses one, and prompted-only training leaves the class embeddings
+    unused, so some trainable parameters get no gradient in a step.
+    """
+    if recipe.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise RecipeError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on the CPU")
+    kwargs = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(
+        mixed_precision=recipe.train.mixed_precision,
+        gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
+        kwargs_handlers=[kwargs],
+    )
+
+
+def train(recipe: Recipe, output: str | Path | None = None, *, resume: bool = False) -> TrainResult:
     """Fine-tune the recipe's model on its few-shot training split and save the run.
 
     Writes to the run folder: ``recipe.yaml`` (resolved), ``split.json``, ``history.json``
     (losses and validation Dice per epoch), ``trained.safetensors`` and ``trained.json``.
+    After each epoch the training state goes to ``checkpoint/``; ``resume=True`` continues
+    an interrupted run from there with the same data order, optimizer and scheduler state.
+    The checkpoint folder is removed once the trained parameters are saved.
     """
-    kwargs = DistributedDataParallelKwargs(find_unused_parameters=True)
-    accelerator = Accelerator(mixed_precision=recipe.train.mixed_precision, kwargs_handlers=[kwargs])
+    accelerator = make_accelerator(recipe)
     set_seed(recipe.seed)
     root = resolve_data_root(recipe)
-    run_dir = prepare_run_dir(recipe, output)
+    run_dir = prepare_run_dir(recipe, output, resume)
 
     info = read_dataset(root)
     label_ids = list(class_ids(info, recipe).values())
-    plan = plan_split(info, recipe, label_ids)
-    if accelerator.is_main_process:
+    plan = SplitPlan.load(run_dir / SPLIT_FILE) if resume else plan_split(info, recipe, label_ids)
+    if accelerator.is_main_process and not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, run_dir / RECIPE_FILE)
         plan.save(run_dir / SPLIT_FILE)
@@ -150,30 +212,37 @@ def train(recipe: Recipe, output: str | Path | None = None) -> TrainResult:
         model.transform,
         num_classes,
         box_jitter=recipe.train.box_jitter,
-        seed=recipe.seed + 1000 * accelerator.process_index,
+        seed=recipe.seed,
         augment=AugmentSettings(crop_scale=tuple(recipe.train.crop_scale)) if recipe.train.augment else None,
     )
     num_samples = recipe.train.steps_per_epoch * recipe.train.batch_size * accelerator.num_processes
-    generator = torch.Generator().manual_seed(recipe.seed)
+    generator = torch.Generator()
     sampler = RandomSampler(dataset, replacement=True, num_samples=num_samples, generator=generator)
     loader = DataLoader(dataset, batch_size=recipe.train.batch_size, sampler=sampler)
 
     objective = FewShotObjective(model, recipe.train.modes, recipe.train.iou_loss_weight)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=recipe.train.learning_rate, weight_decay=recipe.train.weight_decay)
+    scheduler = make_scheduler(optimizer, recipe)
     objective, optimizer, loader = accelerator.prepare(objective, optimizer, loader)
+    # Registered rather than prepared, so it steps once per optimizer step on every process.
+    accelerator.register_for_checkpointing(scheduler)
     validation = validation_samples(info, plan, recipe, label_ids) if accelerator.is_main_process else []
 
-    history = []
-    for epoch in range(recipe.train.epochs):
-        record = _train_epoch(accelerator, objective, optimizer, loader, epoch, recipe.train.epochs)
+    start_epoch, history = load_training_state(accelerator, run_dir) if resume else (0, [])
+    for epoch in range(start_epoch, recipe.train.epochs):
+        # Seeding by epoch makes the data order and augmentation of an epoch independent of
+        # how the run got there, so a resumed run sees the same batches.
+        generator.manual_seed(recipe.seed + epoch)
+        dataset.reseed(recipe.seed, accelerator.process_index, epoch)
+        record = _train_epoch(accelerator, objective, optimizer, scheduler, loader, epoch, recipe)
         if accelerator.is_main_process and validation:
             segmenter = accelerator.unwrap_model(objective).segmenter
             record.update(validate(segmenter, validation, num_classes, recipe.train.modes))
         history.append(record)
         if accelerator.is_main_process:
             logger.info("epoch %d: %s", epoch + 1, _format(record))
-        accelerator.wait_for_everyone()
+        save_training_state(accelerator, run_dir, epoch + 1, history)
 
     if accelerator.is_main_process:
         segmenter = accelerator.unwrap_model(objective).segmenter
@@ -181,27 +250,35 @@ def train(recipe: Recipe, output: str | Path | None = None) -> TrainResult:
         config["base_fingerprint"] = base_fingerprint(segmenter)
         save_trained_parameters(segmenter, run_dir, config=config)
         _write_json(run_dir / HISTORY_FILE, history)
+        remove_training_state(run_dir)
         logger.info("saved trained parameters to %s", run_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(run_dir, history, accelerator.unwrap_model(objective).segmenter)
 
 
-def _train_epoch(accelerator: Accelerator, objective, optimizer, loader, epoch: int, epochs: int) -> dict:
+def _train_epoch(accelerator: Accelerator, objective, optimizer, scheduler, loader, epoch: int, recipe: Recipe) -> dict:
     objective.train()
     totals: dict[str, float] = {}
     steps = 0
-    progress = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not accelerator.is_main_process, leave=False)
+    description = f"epoch {epoch + 1}/{recipe.train.epochs}"
+    progress = tqdm(loader, desc=description, disable=not accelerator.is_main_process, leave=False)
     for batch in progress:
-        losses = objective(**batch)
-        accelerator.backward(losses["loss"])
-        optimizer.step()
-        optimizer.zero_grad()
+        with accelerator.accumulate(objective):
+            losses = objective(**batch)
+            accelerator.backward(losses["loss"])
+            if accelerator.sync_gradients and recipe.train.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(objective.parameters(), recipe.train.max_grad_norm)
+            # The prepared optimizer skips its step until the accumulation window is full.
+            optimizer.step()
+            if accelerator.sync_gradients:
+                scheduler.step()
+            optimizer.zero_grad()
         steps += 1
         for name, value in losses.items():
             totals[name] = totals.get(name, 0.0) + float(value.detach())
         progress.set_postfix(loss=f"{float(losses['loss'].detach()):.4f}")
-    record = {"epoch": epoch + 1, "steps": steps}
+    record = {"epoch": epoch + 1, "steps": steps, "learning_rate": scheduler.get_last_lr()[0]}
     record.update({name if name == "loss" else f"loss_{name}": total / max(steps, 1) for name, total in totals.items()})
     return record
 
