@@ -161,8 +161,19 @@ def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe) -> torch.op
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def has_accelerator() -> bool:
+    """Return True when torch sees a GPU or another accelerator device."""
+    # current_accelerator() names CUDA on a CUDA build even without a GPU, so ask for
+    # availability instead.
+    return bool(torch.accelerator.is_available())
+
+
 def make_accelerator(recipe: Recipe) -> Accelerator:
     """Accelerator with the recipe's precision and accumulation.
+
+    On a machine without an accelerator the Accelerator is created with ``cpu=True``, so
+    several processes started by ``torchrun`` or ``accelerate launch --multi_gpu`` train
+    together over gloo instead of each training alone.
 
     Unused-parameter detection stays on in DDP: SAM's decoder computes four mask tokens but
     single-mask training uses one, and prompted-only training leaves the class embeddings
@@ -172,6 +183,7 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         raise RecipeError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on the CPU")
     kwargs = DistributedDataParallelKwargs(find_unused_parameters=True)
     return Accelerator(
+        cpu=not has_accelerator(),
         mixed_precision=recipe.train.mixed_precision,
         gradient_accumulation_steps=recipe.train.gradient_accumulation_steps,
         kwargs_handlers=[kwargs],
