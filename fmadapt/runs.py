@@ -63,6 +63,7 @@ def _apply_adaptation(model: Segmenter, recipe: Recipe) -> None:
     adaptation = recipe.adaptation
     if adaptation.method == "lora":
         lora = adaptation.lora
+        _check_lora_targets(model, lora.target_modules)
         apply_lora(
             model,
             LoraSettings(
@@ -74,6 +75,17 @@ def _apply_adaptation(model: Segmenter, recipe: Recipe) -> None:
         apply_adapters(
             model,
             AdapterSettings(reduction=adapters.reduction, placement=adapters.placement, scale=adapters.scale),
+        )
+
+
+def _check_lora_targets(model: Segmenter, target_modules: list[str]) -> None:
+    declared = model.encoder.lora_targets
+    unknown = [name for name in target_modules if name not in declared]
+    if unknown:
+        raise RecipeError(
+            f"adaptation.lora.target_modules contains {unknown}, which the {model.spec.name} encoder does "
+            f"not declare; choose from {sorted(declared)}, for example "
+            f"adaptation.lora.target_modules=[{next(iter(declared))}]"
         )
 
 

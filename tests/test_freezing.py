@@ -122,15 +122,15 @@ def test_adapter_preset_without_adapters_raises(preset):
 
 def test_unknown_part_frozen_with_warning():
     model = adapted_model(class_names=())
-    model.semantic_head = nn.Linear(4, 3)
-    with pytest.warns(FmadaptWarning, match="semantic_head.weight"):
+    model.extra_head = nn.Linear(4, 3)
+    with pytest.warns(FmadaptWarning, match="extra_head.weight"):
         apply_freezing(model, "adapters_decoder")
-    assert not model.semantic_head.weight.requires_grad
+    assert not model.extra_head.weight.requires_grad
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         apply_freezing(model, "full")
-    assert model.semantic_head.weight.requires_grad
+    assert model.extra_head.weight.requires_grad
 
 
 def test_summary_counts_match_numel():

@@ -1,18 +1,19 @@
-"""Bottleneck adapters for the blocks of a SAM image encoder.
+"""Bottleneck adapters for the blocks of an image encoder (SAM or DINOv3).
 
-Two placements are offered:
+The encoder declares where adapters go (``ImageEncoder.adapter_targets``): the module whose
+output is the attention branch, and the MLP. Two placements are offered:
 
-- ``sequential``: the adapter follows the attention, ``a + adapter(a)`` where
-  ``a = attn(norm1(x))``, before the residual connection.
+- ``sequential``: the adapter follows the attention, ``a + adapter(a)`` where ``a`` is the
+  attention target's output, before the residual connection (and before DINOv3's LayerScale).
 - ``parallel``: the adapter is a branch beside the MLP, ``mlp(n) + scale * adapter(n)``
-  where ``n = norm2(x)``.
+  where ``n`` is the normalised MLP input.
 
-The adapter is registered as a new child of the block (``blocks.<i>.attn_adapter`` or
-``blocks.<i>.mlp_adapter``), and a forward hook on ``block.attn`` or ``block.mlp`` adds its
-output. The block keeps its class, its forward and its parameter names, so a base checkpoint
-with plain SAM keys still loads after the adapters are applied (the new adapter keys are
-then missing from it). The hooks are bound methods of the adapter, so ``copy.deepcopy`` of
-the model copies them together with the adapter they call.
+The adapter is registered as a new child of the block (``attn_adapter`` or ``mlp_adapter``),
+and a forward hook on the target module adds its output. The block keeps its class, its
+forward and its parameter names, so a base checkpoint with the encoder's own keys still
+loads after the adapters are applied (the new adapter keys are then missing from it). The
+hooks are bound methods of the adapter, so ``copy.deepcopy`` of the model copies them
+together with the adapter they call.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from segment_anything.modeling import ImageEncoderViT
 from torch import nn
+
+from fmadapt.models.encoders import ImageEncoder, SamImageEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -91,11 +95,11 @@ class BottleneckAdapter(nn.Module):
         return self.up(self.act(self.down(tokens)))
 
     def add_to_attention_output(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        """Forward hook for ``block.attn``: return ``a + adapter(a)`` for attention output a."""
+        """Forward hook for the attention target: return ``a + adapter(a)`` for attention output a."""
         return output + self(output)
 
     def add_beside_mlp(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        """Forward hook for ``block.mlp``: return ``mlp(n) + scale * adapter(n)`` for MLP input n."""
+        """Forward hook for the MLP: return ``mlp(n) + scale * adapter(n)`` for MLP input n."""
         return output + self.scale * self(inputs[0])
 
 
@@ -120,21 +124,29 @@ def check_block_indices(blocks: object, *, argument: str, depth: int | None = No
         )
 
 
-def encoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """Return ``model.image_encoder.blocks``, raising a clear error when the model lacks it."""
-    encoder = getattr(model, "image_encoder", None)
-    if not isinstance(encoder, nn.Module):
+def model_encoder(model: nn.Module) -> ImageEncoder:
+    """Return the ``ImageEncoder`` of ``model``, whose declared targets LoRA and adapters use.
+
+    A Segmenter's ``encoder`` is used when present. Otherwise ``model.image_encoder`` must be an
+    ``ImageEncoder`` or segment-anything's ``ImageEncoderViT``, which is viewed through
+    ``SamImageEncoder`` (sharing its modules).
+
+    Raises:
+        TypeError: if the model has neither, or the encoder has no blocks.
+    """
+    encoder = getattr(model, "encoder", None)
+    if not isinstance(encoder, ImageEncoder):
+        encoder = getattr(model, "image_encoder", None)
+        if isinstance(encoder, ImageEncoderViT):
+            encoder = SamImageEncoder(encoder)
+    if not isinstance(encoder, ImageEncoder):
         raise TypeError(
-            f"model must have an image_encoder attribute (a SAM ImageEncoderViT), "
-            f"got {type(model).__name__} without one"
+            f"model must have an image_encoder attribute (an ImageEncoder such as DinoV3Encoder, or "
+            f"segment-anything's ImageEncoderViT), got {type(model).__name__} without one"
         )
-    blocks = getattr(encoder, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
-        raise TypeError(
-            f"model.image_encoder ({type(encoder).__name__}) must have a non-empty 'blocks' ModuleList "
-            "of segment-anything Block modules"
-        )
-    return blocks
+    if len(encoder.blocks) == 0:
+        raise TypeError(f"the image encoder ({type(encoder).__name__}) has no transformer blocks to adapt")
+    return encoder
 
 
 def has_adapters(model: nn.Module) -> bool:
@@ -143,14 +155,16 @@ def has_adapters(model: nn.Module) -> bool:
 
 
 def apply_adapters(model: nn.Module, settings: AdapterSettings) -> nn.Module:
-    """Add a bottleneck adapter to each selected block of ``model.image_encoder``, in place.
+    """Add a bottleneck adapter to each selected block of the model's image encoder, in place.
 
-    Adapter parameters are created with ``requires_grad=True`` on the device and dtype of the
-    block's norm layer, and every existing parameter keeps its name and ``requires_grad``. Call
-    ``apply_freezing`` afterwards to choose what trains.
+    The adapter hooks the module that the encoder's ``adapter_targets`` names for the
+    placement (``"attention"`` for sequential, ``"mlp"`` for parallel). Adapter parameters
+    are created with ``requires_grad=True`` on the device and dtype of that module, and every
+    existing parameter keeps its name and ``requires_grad``. Call ``apply_freezing``
+    afterwards to choose what trains.
 
     Args:
-        model: a module with an ``image_encoder`` made of segment-anything ``Block`` modules.
+        model: a Segmenter, or a module with an ``image_encoder`` (see ``model_encoder``).
         settings: reduction, placement, scale and blocks.
 
     Returns:
@@ -163,7 +177,8 @@ def apply_adapters(model: nn.Module, settings: AdapterSettings) -> nn.Module:
     """
     if not isinstance(settings, AdapterSettings):
         raise TypeError(f"settings must be an AdapterSettings, got {type(settings).__name__}")
-    blocks = encoder_blocks(model)
+    encoder = model_encoder(model)
+    blocks = encoder.blocks
     indices = tuple(range(len(blocks))) if settings.blocks is None else settings.blocks
     check_block_indices(indices, argument="AdapterSettings.blocks", depth=len(blocks))
     for index in indices:
@@ -173,7 +188,7 @@ def apply_adapters(model: nn.Module, settings: AdapterSettings) -> nn.Module:
             )
 
     for index in indices:
-        _add_adapter(blocks[index], settings)
+        _add_adapter(blocks[index], encoder, settings)
     logger.info(
         "applied %s bottleneck adapters (reduction %d) to %d encoder blocks",
         settings.placement,
@@ -183,21 +198,23 @@ def apply_adapters(model: nn.Module, settings: AdapterSettings) -> nn.Module:
     return model
 
 
-def _add_adapter(block: nn.Module, settings: AdapterSettings) -> None:
-    reference = block.norm2.weight
-    dim = reference.shape[0]
+def _add_adapter(block: nn.Module, encoder: ImageEncoder, settings: AdapterSettings) -> None:
+    dim = encoder.block_embed_dim
     hidden = dim // settings.reduction
     if hidden < 1:
         raise ValueError(
             f"AdapterSettings.reduction={settings.reduction} leaves no hidden units for embedding size {dim}; "
             f"use a reduction of at most {dim}"
         )
+    target_name = "attention" if settings.placement == "sequential" else "mlp"
+    target = block.get_submodule(encoder.adapter_targets[target_name])
+    reference = next(target.parameters())
     adapter = BottleneckAdapter(dim, hidden, scale=settings.scale)
     adapter.to(device=reference.device, dtype=reference.dtype)
     block.add_module(ADAPTER_CHILD_NAMES[settings.placement], adapter)
     if settings.placement == "sequential":
-        # The attention output of a windowed block is still split into windows here, which
-        # does not matter because the adapter acts on each token separately.
-        block.attn.register_forward_hook(adapter.add_to_attention_output)
+        # The attention output of a windowed SAM block is still split into windows here,
+        # which does not matter because the adapter acts on each token separately.
+        target.register_forward_hook(adapter.add_to_attention_output)
     else:
-        block.mlp.register_forward_hook(adapter.add_beside_mlp)
+        target.register_forward_hook(adapter.add_beside_mlp)

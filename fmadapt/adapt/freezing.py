@@ -2,8 +2,9 @@
 
 Each preset names the parts (see ``fmadapt.adapt.summary.PARTS``) whose parameters get
 ``requires_grad=True``. Every other parameter is frozen. The automatic-mode
-``class_embeddings`` train under every preset when the model has them, because they start
-untrained and the model cannot segment classes without them.
+``class_embeddings`` and ``semantic_head`` and the DINOv3 ``neck`` train under every preset
+when the model has them, because no pretrained checkpoint contains them, so they start
+untrained and the model cannot segment without them.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from torch import nn
 from fmadapt.adapt.summary import (
     ADAPTERS,
     CLASS_EMBEDDINGS,
-    IMAGE_ENCODER,
     MASK_DECODER,
+    NECK,
     OTHER,
     PARTS,
     PROMPT_ENCODER,
+    SEMANTIC_HEAD,
     parameter_parts,
 )
 from fmadapt.errors import FmadaptWarning
@@ -37,7 +39,7 @@ FREEZING_PRESETS: dict[str, frozenset[str]] = {
 }
 
 # Parts that train whatever the preset.
-ALWAYS_TRAINED = frozenset({CLASS_EMBEDDINGS})
+ALWAYS_TRAINED = frozenset({CLASS_EMBEDDINGS, NECK, SEMANTIC_HEAD})
 
 # Presets that are meaningless without LoRA or bottleneck adapters. "full" trains whatever exists.
 PRESETS_NEEDING_ADAPTERS = frozenset(
@@ -67,7 +69,8 @@ def apply_freezing(model: nn.Module, preset: str) -> None:
     known parts usually has to train.
 
     Args:
-        model: a segmenter with ``image_encoder``, ``prompt_encoder`` and ``mask_decoder``.
+        model: a segmenter with ``image_encoder``, ``prompt_encoder`` and ``mask_decoder`` (and
+            for DINOv3 ``neck``).
         preset: a key of ``FREEZING_PRESETS``.
 
     Raises:
@@ -92,7 +95,7 @@ def apply_freezing(model: nn.Module, preset: str) -> None:
     if frozen_other:
         warnings.warn(
             f"freezing preset {preset!r} froze {len(frozen_other)} parameters outside the known parts "
-            f"{[IMAGE_ENCODER, PROMPT_ENCODER, MASK_DECODER, CLASS_EMBEDDINGS]}, for example {frozen_other[:3]}; "
+            f"{[part for part in PARTS if part not in (ADAPTERS, OTHER)]}, for example {frozen_other[:3]}; "
             "use the 'full' preset or set requires_grad on them after apply_freezing if they should train",
             FmadaptWarning,
             stacklevel=2,

@@ -1,7 +1,10 @@
-"""LoRA for the SAM image encoder, injected with peft.
+"""LoRA for the image encoder (SAM or DINOv3), injected with peft.
 
-peft replaces each targeted ``nn.Linear`` with a LoRA layer that keeps the original layer as
-``base_layer``, so the injection renames the base weights::
+The encoder declares which Linear layers of a block LoRA may wrap
+(``ImageEncoder.lora_targets``, such as ``qkv`` for SAM or ``q`` and ``v`` for DINOv3), and
+``LoraSettings.target_modules`` names them. peft replaces each targeted ``nn.Linear`` with a
+LoRA layer that keeps the original layer as ``base_layer``, so the injection renames the
+base weights::
 
     image_encoder.blocks.0.attn.qkv.weight  ->  image_encoder.blocks.0.attn.qkv.base_layer.weight
     (new)                                        image_encoder.blocks.0.attn.qkv.lora_A.default.weight
@@ -10,7 +13,7 @@ peft replaces each targeted ``nn.Linear`` with a LoRA layer that keeps the origi
 Untargeted layers keep their names. Load weights in this order:
 
 1. build the model,
-2. load the pretrained base checkpoint (plain SAM key names),
+2. load the pretrained base checkpoint (the encoder's own key names),
 3. apply LoRA or bottleneck adapters,
 4. load the trained-parameter file (``fmadapt.adapt.trained_file``).
 
@@ -29,20 +32,12 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from fmadapt.adapt.adapters import check_block_indices, encoder_blocks
+from fmadapt.adapt.adapters import check_block_indices, model_encoder
 from fmadapt.adapt.summary import ADAPTERS, parameter_parts
 from fmadapt.errors import CheckpointError
+from fmadapt.models.encoders import LORA_TARGET_NAMES
 
 logger = logging.getLogger(__name__)
-
-# Linear layers of a segment-anything encoder Block, by the name a LoRA target uses,
-# mapped to their path inside the block.
-BLOCK_LINEAR_PATHS: dict[str, str] = {
-    "qkv": "attn.qkv",
-    "proj": "attn.proj",
-    "lin1": "mlp.lin1",
-    "lin2": "mlp.lin2",
-}
 
 # peft's name for the single adapter that fmadapt injects; it appears in every LoRA key.
 LORA_ADAPTER_NAME = "default"
@@ -56,8 +51,11 @@ class LoraSettings:
         rank: rank r of the update ``B @ A``; A is r x in_features, B is out_features x r.
         alpha: scaling numerator, so the update is multiplied by ``alpha / rank``.
         dropout: dropout probability on the LoRA branch input, in [0, 1).
-        target_modules: Linear layers to adapt in each block, among ``qkv``, ``proj`` (attention)
-            and ``lin1``, ``lin2`` (MLP).
+        target_modules: Linear layers to adapt in each block, by the names the encoder
+            declares: ``qkv``, ``proj`` (attention) and ``lin1``, ``lin2`` (MLP) for SAM;
+            ``q``, ``k``, ``v``, ``proj``, ``up``, ``down`` and ``gate`` (SwiGLU only) for
+            DINOv3. Names of any architecture pass here, and ``apply_lora`` checks them
+            against the model's encoder.
         blocks: indices of the encoder blocks to adapt; None adapts every block.
     """
 
@@ -103,37 +101,24 @@ def _check_target_modules(targets: object) -> None:
             f"LoraSettings.target_modules must be a tuple of str, got {targets!r}; "
             f"for example ('qkv',) or ('qkv', 'proj')"
         )
+    choices = " and ".join(
+        f"{sorted(names)} ({architecture} encoders)" for architecture, names in LORA_TARGET_NAMES.items()
+    )
     if not targets:
-        raise ValueError(f"LoraSettings.target_modules is empty; choose from {sorted(BLOCK_LINEAR_PATHS)}")
-    unknown = [name for name in targets if name not in BLOCK_LINEAR_PATHS]
+        raise ValueError(f"LoraSettings.target_modules is empty; choose from {choices}")
+    known = {name for names in LORA_TARGET_NAMES.values() for name in names}
+    unknown = [name for name in targets if name not in known]
     if unknown:
         raise ValueError(
             f"LoraSettings.target_modules contains unknown layer names {unknown}; "
-            f"the Linear layers of an encoder block are {sorted(BLOCK_LINEAR_PATHS)}"
+            f"the Linear layers of an encoder block are {choices}"
         )
     if len(set(targets)) != len(targets):
         raise ValueError(f"LoraSettings.target_modules lists a layer twice: {targets!r}")
 
 
-def lora_module_names(settings: LoraSettings, depth: int) -> list[str]:
-    """Build the full module names, relative to ``image_encoder``, that LoRA targets.
-
-    Args:
-        settings: the LoRA settings.
-        depth: number of blocks in the image encoder.
-
-    Returns:
-        Names such as ``blocks.0.attn.qkv``, block by block in the order of ``target_modules``.
-    """
-    indices = range(depth) if settings.blocks is None else settings.blocks
-    check_block_indices(tuple(indices), argument="LoraSettings.blocks", depth=depth)
-    return [
-        f"blocks.{index}.{BLOCK_LINEAR_PATHS[target]}" for index in indices for target in settings.target_modules
-    ]
-
-
 def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
-    """Inject peft LoRA layers into ``model.image_encoder`` in place.
+    """Inject peft LoRA layers into the model's image encoder in place.
 
     The prompt encoder, mask decoder and any other part of the model are left untouched. peft
     (checked with 0.21) sets ``requires_grad=False`` on every base parameter of the image
@@ -141,7 +126,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     what trains.
 
     Args:
-        model: a module with an ``image_encoder`` made of segment-anything ``Block`` modules.
+        model: a Segmenter, or a module with an ``image_encoder`` (see ``model_encoder``).
         settings: rank, alpha, dropout, target layers and blocks.
 
     Returns:
@@ -149,17 +134,21 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
 
     Raises:
         TypeError: if ``settings`` is not a LoraSettings.
-        ValueError: if the model already has LoRA layers or a block index is out of range.
+        ValueError: if the model already has LoRA layers, a block index is out of range, or
+            the encoder does not declare a target name.
     """
     if not isinstance(settings, LoraSettings):
         raise TypeError(f"settings must be a LoraSettings, got {type(settings).__name__}")
-    blocks = encoder_blocks(model)
+    encoder = model_encoder(model)
     if has_lora(model):
         raise ValueError(
             "the image encoder already has LoRA layers; build a fresh model to apply different LoRA settings"
         )
 
-    target_names = lora_module_names(settings, depth=len(blocks))
+    depth = len(encoder.blocks)
+    indices = tuple(range(depth)) if settings.blocks is None else settings.blocks
+    check_block_indices(indices, argument="LoraSettings.blocks", depth=depth)
+    target_names = encoder.target_module_names(settings.target_modules, indices)
     config = LoraConfig(
         r=settings.rank,
         lora_alpha=settings.alpha,
@@ -167,7 +156,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
         target_modules=target_names,
         bias="none",
     )
-    inject_adapter_in_model(config, model.image_encoder, adapter_name=LORA_ADAPTER_NAME)
+    inject_adapter_in_model(config, encoder, adapter_name=LORA_ADAPTER_NAME)
     logger.info(
         "applied LoRA rank %d alpha %g to %d layers of the image encoder",
         settings.rank,
@@ -183,7 +172,7 @@ def has_lora(model: nn.Module) -> bool:
 
 
 def remap_base_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename plain SAM keys to the names they have after LoRA injection.
+    """Rename base-model keys to the names they have after LoRA injection.
 
     A key ``<layer>.weight`` or ``<layer>.bias`` of a layer that peft wrapped becomes
     ``<layer>.base_layer.weight`` or ``<layer>.base_layer.bias``. Every other key is kept as is,
@@ -216,9 +205,9 @@ def load_base_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     Args:
         model: the model after ``apply_lora`` or ``apply_adapters``.
         state_dict: base weights with the key names of the model before adapters were applied,
-            such as the ``state_dict()`` of the same model variant without adapters. Files in
-            the official SAM formats go through ``fmadapt.models.checkpoint.load_checkpoint``
-            before adapters are applied instead.
+            such as the ``state_dict()`` of the same model variant without adapters. Official
+            checkpoint files are loaded with ``Segmenter.from_registry`` before adapters are
+            applied instead.
 
     Raises:
         CheckpointError: if the state dict lacks a base key, has a key the model does not know,
@@ -233,7 +222,7 @@ def load_base_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
         raise CheckpointError(
             f"base state dict does not fit the model: {len(missing)} missing keys {missing[:5]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:5]}; check that the checkpoint is for "
-            "this model variant and that it has plain SAM key names"
+            "this model variant and that it has the key names of the model before adapters were applied"
         )
     try:
         model.load_state_dict(remapped, strict=False)

@@ -11,17 +11,23 @@ from fmadapt.adapt.adapters import BottleneckAdapter
 
 IMAGE_ENCODER = "image_encoder"
 ADAPTERS = "adapters"
+NECK = "neck"
 PROMPT_ENCODER = "prompt_encoder"
 MASK_DECODER = "mask_decoder"
 CLASS_EMBEDDINGS = "class_embeddings"
+SEMANTIC_HEAD = "semantic_head"
 OTHER = "other"
 
 # Every part, in the order summaries list them. IMAGE_ENCODER counts only the encoder's base
 # weights, and ADAPTERS counts LoRA and bottleneck adapter weights wherever they sit.
-PARTS = (IMAGE_ENCODER, ADAPTERS, PROMPT_ENCODER, MASK_DECODER, CLASS_EMBEDDINGS, OTHER)
+PARTS = (IMAGE_ENCODER, ADAPTERS, NECK, PROMPT_ENCODER, MASK_DECODER, CLASS_EMBEDDINGS, SEMANTIC_HEAD, OTHER)
+
+# Parts that only DINOv3 segmenters have. The summary table leaves them out of models
+# without them, so SAM tables keep their rows.
+DINOV3_PARTS = (NECK, SEMANTIC_HEAD)
 
 # Attributes of the segmenter whose parameters form a part of the same name.
-_CHILD_PARTS = (IMAGE_ENCODER, PROMPT_ENCODER, MASK_DECODER, CLASS_EMBEDDINGS)
+_CHILD_PARTS = (IMAGE_ENCODER, NECK, PROMPT_ENCODER, MASK_DECODER, CLASS_EMBEDDINGS, SEMANTIC_HEAD)
 
 
 def adapter_parameter_names(model: nn.Module) -> set[str]:
@@ -64,6 +70,7 @@ class ParameterSummary:
         total: number of parameter elements.
         trainable: number of elements with ``requires_grad=True``.
         by_part: ``(trainable, total)`` element counts for every part in ``PARTS``, in that order.
+            The text table omits the ``DINOV3_PARTS`` rows whose total is zero.
     """
 
     total: int
@@ -71,7 +78,11 @@ class ParameterSummary:
     by_part: dict[str, tuple[int, int]]
 
     def __str__(self) -> str:
-        rows = [(part, trainable, total) for part, (trainable, total) in self.by_part.items()]
+        rows = [
+            (part, trainable, total)
+            for part, (trainable, total) in self.by_part.items()
+            if total or part not in DINOV3_PARTS
+        ]
         rows.append(("all", self.trainable, self.total))
         lines = [f"{'part':<18}{'trainable':>14}{'total':>14}{'percent':>10}"]
         for part, trainable, total in rows:

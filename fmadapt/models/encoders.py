@@ -22,7 +22,7 @@ from segment_anything.modeling import ImageEncoderViT
 from fmadapt.models.registry import ModelSpec
 from fmadapt.models.sam import build_sam
 
-__all__ = ["ADAPTER_TARGET_NAMES", "ImageEncoder", "SamImageEncoder"]
+__all__ = ["ADAPTER_TARGET_NAMES", "LORA_TARGET_NAMES", "ImageEncoder", "SamImageEncoder"]
 
 # Keys of ``ImageEncoder.adapter_targets``. The "attention" module must output the
 # attention branch as a tensor of tokens (..., E) before the residual addition, and the
@@ -32,6 +32,15 @@ ADAPTER_TARGET_NAMES = ("attention", "mlp")
 # Linear layers inside one segment-anything ``Block``, by LoRA target name.
 _SAM_LORA_TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "lin1": "mlp.lin1", "lin2": "mlp.lin2"}
 _SAM_ADAPTER_TARGETS = {"attention": "attn", "mlp": "mlp"}
+
+# LoRA target names by encoder architecture ("sam" covers SAM and MedSAM), for checking
+# settings before a model exists. Every encoder's ``lora_targets`` keys come from its
+# architecture's entry. The "gate" layer exists only in DINOv3 variants with a SwiGLU MLP,
+# so the encoder itself rejects names it does not declare.
+LORA_TARGET_NAMES: dict[str, tuple[str, ...]] = {
+    "sam": tuple(_SAM_LORA_TARGETS),
+    "dinov3": ("q", "k", "v", "proj", "up", "down", "gate"),
+}
 
 
 class ImageEncoder(nn.Module, ABC):

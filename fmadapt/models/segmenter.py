@@ -1,7 +1,8 @@
-"""Segmenter: a SAM-architecture model with prompted and automatic (per-class) decoding."""
+"""Segmenter: an image encoder of any family with prompted and automatic (per-class) decoding."""
 
 from __future__ import annotations
 
+import difflib
 import logging
 from os import PathLike
 from typing import Sequence
@@ -10,25 +11,78 @@ import torch
 import torch.nn as nn
 
 from fmadapt.data.transforms import ImageTransform, PreprocessSpec, resolve_preprocess
-from fmadapt.models.registry import ModelSpec, get_model_spec
-from fmadapt.models.sam import build_sam
+from fmadapt.models.dinov3 import DinoV3Encoder, DinoV3Spec, list_dinov3_models
+from fmadapt.models.encoders import ImageEncoder, SamImageEncoder
+from fmadapt.models.heads import (
+    DECODER_PREFIXES,
+    PromptNeck,
+    SemanticHead,
+    build_prompt_decoder,
+    default_head_layers,
+    read_decoder_state,
+)
+from fmadapt.models.registry import ModelSpec, get_model_spec, list_models
+from fmadapt.models.sam import build_sam, check_image_size
 
-__all__ = ["Segmenter"]
+__all__ = ["DINOV3_DECODER_MODELS", "Segmenter", "get_segmenter_spec", "list_segmenter_models"]
 
 logger = logging.getLogger(__name__)
+
+# The SAM model whose prompt encoder and mask decoder sizes each DINOv3 model uses, so that
+# model's checkpoint can initialise them. Models not listed use sam_vit_b's sizes
+# (prompt_embed_dim 256), which every published SAM and MedSAM decoder has.
+DINOV3_DECODER_MODELS = {"dinov3_vit_tiny": "sam_vit_tiny", "dinov3_vitplus_tiny": "sam_vit_tiny"}
+_DEFAULT_DINOV3_DECODER_MODEL = "sam_vit_b"
+# Maximum channel count of the semantic head's projections. Narrower encoders use their width E.
+_SEMANTIC_HEAD_MAX_CHANNELS = 256
+
+
+def list_segmenter_models() -> list[str]:
+    """Return every registered name a Segmenter accepts (SAM family and DINOv3), sorted."""
+    return sorted(list_models() + list_dinov3_models())
+
+
+def get_segmenter_spec(name: str) -> ModelSpec | DinoV3Spec:
+    """Return the spec registered as ``name`` in the SAM-family or the DINOv3 registry.
+
+    Raises:
+        TypeError: if ``name`` is not a str.
+        ValueError: if neither registry has ``name``; the message suggests the closest name.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"model name must be a str, got {type(name).__name__}")
+    if name in list_models():
+        return get_model_spec(name)
+    if name in list_dinov3_models():
+        from fmadapt.models.dinov3 import get_dinov3_spec
+
+        return get_dinov3_spec(name)
+    names = list_segmenter_models()
+    closest = difflib.get_close_matches(name, names, n=1)
+    hint = f" Did you mean {closest[0]!r}?" if closest else ""
+    raise ValueError(f"unknown model {name!r}; registered models are {names}.{hint}")
 
 
 class Segmenter(nn.Module):
     """Image encoder, prompt encoder and mask decoder of one registered model.
 
-    The attribute names ``image_encoder``, ``prompt_encoder`` and ``mask_decoder`` match
-    segment-anything's ``Sam``, so official SAM and MedSAM checkpoints load by key.
-    With ``class_names`` the model also has ``class_embeddings``, one learned prompt
-    token of size E per class, for segmentation without user prompts.
+    SAM family (``ModelSpec``): ``image_encoder`` is segment-anything's ``ImageEncoderViT``
+    and the attribute names ``image_encoder``, ``prompt_encoder`` and ``mask_decoder``
+    match segment-anything's ``Sam``, so official SAM and MedSAM checkpoints load by key.
+    With ``class_names`` the model also has ``class_embeddings``, one learned prompt token
+    of size D per class, which the mask decoder reads in automatic mode.
+
+    DINOv3 (``DinoV3Spec``): ``image_encoder`` is a ``DinoV3Encoder`` and ``neck`` maps its
+    last-block map (E channels) to D channels for the prompt encoder and mask decoder,
+    whose sizes are those of the SAM model ``decoder_model``. With ``class_names``,
+    ``semantic_head`` predicts all classes at once from the encoder maps of ``head_layers``.
+
+    ``encoder`` is the ``ImageEncoder`` interface of either family, which LoRA and
+    bottleneck adapters read their targets from.
 
     Every method here keeps autograd on; wrap calls in ``torch.inference_mode`` for
-    prediction. Shapes: S = ``image_size``, E = ``spec.prompt_embed_dim``,
-    h = w = S/16 embedding grid, S/4 the decoder's mask size.
+    prediction. Shapes: S = ``image_size``, D = ``prompt_embed_dim``, h = w = S/16 the
+    embedding grid, S/4 the side of the masks decoded.
 
     Args:
         spec: the model variant.
@@ -36,24 +90,33 @@ class Segmenter(nn.Module):
         class_names: names of the classes for automatic mode, in output order.
         preprocess: only for deliberate experiments; a spec different from
             ``spec.preprocess`` raises unless ``allow_preprocess_mismatch=True``.
+        decoder_model: DINOv3 only, the registered SAM model whose decoder sizes to use;
+            default from ``DINOV3_DECODER_MODELS``.
+        head_layers: DINOv3 only, encoder block indices the semantic head reads; default
+            ``default_head_layers(depth)``.
     """
 
     def __init__(
         self,
-        spec: ModelSpec,
+        spec: ModelSpec | DinoV3Spec,
         *,
         image_size: int | None = None,
         class_names: Sequence[str] = (),
         preprocess: PreprocessSpec | None = None,
         allow_preprocess_mismatch: bool = False,
+        decoder_model: str | None = None,
+        head_layers: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        parts = build_sam(spec, image_size=image_size)
         self.spec = spec
-        self.image_size = parts.image_encoder.img_size
-        self.image_encoder = parts.image_encoder
-        self.prompt_encoder = parts.prompt_encoder
-        self.mask_decoder = parts.mask_decoder
+        self.class_names = _check_class_names(class_names)
+        if isinstance(spec, ModelSpec):
+            _reject_dinov3_options(spec, decoder_model=decoder_model, head_layers=head_layers)
+            self._build_sam_family(spec, image_size)
+        elif isinstance(spec, DinoV3Spec):
+            self._build_dinov3(spec, image_size, decoder_model, head_layers)
+        else:
+            raise TypeError(f"spec must be a ModelSpec or DinoV3Spec, got {type(spec).__name__}")
 
         chosen = resolve_preprocess(
             spec.preprocess,
@@ -63,9 +126,46 @@ class Segmenter(nn.Module):
         )
         self.transform = ImageTransform(chosen, self.image_size)
 
-        self.class_names = _check_class_names(class_names)
+    def _build_sam_family(self, spec: ModelSpec, image_size: int | None) -> None:
+        parts = build_sam(spec, image_size=image_size)
+        self.image_size = parts.image_encoder.img_size
+        self.prompt_embed_dim = spec.prompt_embed_dim
+        self.head_layers: tuple[int, ...] = ()
+        self.image_encoder = parts.image_encoder
+        self.prompt_encoder = parts.prompt_encoder
+        self.mask_decoder = parts.mask_decoder
         if self.class_names:
             self.class_embeddings = nn.Embedding(len(self.class_names), spec.prompt_embed_dim)
+        # Stored outside the module tree: the view shares image_encoder's modules, so
+        # registering it would list every encoder parameter twice.
+        self.__dict__["_encoder_view"] = SamImageEncoder(self.image_encoder)
+
+    def _build_dinov3(
+        self,
+        spec: DinoV3Spec,
+        image_size: int | None,
+        decoder_model: str | None,
+        head_layers: Sequence[int] | None,
+    ) -> None:
+        self.image_size = check_image_size(spec, spec.native_image_size if image_size is None else image_size)
+        self.decoder_model = decoder_model or DINOV3_DECODER_MODELS.get(spec.name, _DEFAULT_DINOV3_DECODER_MODEL)
+        sizes = get_model_spec(self.decoder_model)
+        self.prompt_embed_dim = sizes.prompt_embed_dim
+        self.image_encoder = DinoV3Encoder(spec)
+        self.neck = PromptNeck(spec.embed_dim, sizes.prompt_embed_dim)
+        self.prompt_encoder, self.mask_decoder = build_prompt_decoder(sizes, self.image_size)
+        self.head_layers = ()
+        if self.class_names:
+            self.head_layers = _check_head_layers(self.image_encoder, head_layers)
+            self.semantic_head = SemanticHead(
+                self.image_encoder.block_embed_dim,
+                len(self.head_layers),
+                len(self.class_names),
+                channels=min(_SEMANTIC_HEAD_MAX_CHANNELS, self.image_encoder.block_embed_dim),
+            )
+        elif head_layers is not None:
+            raise ValueError("head_layers needs class_names, because the semantic head exists only in automatic mode")
+        self.__dict__["_encoder_view"] = self.image_encoder
 
     @classmethod
     def from_registry(
@@ -74,27 +174,53 @@ class Segmenter(nn.Module):
         *,
         image_size: int | None = None,
         checkpoint: str | PathLike[str] | None = None,
+        decoder_checkpoint: str | PathLike[str] | None = None,
         class_names: Sequence[str] = (),
         preprocess: PreprocessSpec | None = None,
         allow_preprocess_mismatch: bool = False,
+        decoder_model: str | None = None,
+        head_layers: Sequence[int] | None = None,
     ) -> Segmenter:
-        """Build the registered model ``name`` and load ``checkpoint`` (a local file) if given."""
+        """Build the registered model ``name`` and load its local checkpoint files.
+
+        ``checkpoint`` is a SAM or MedSAM file for the SAM family (every part loads by key),
+        or a Hugging Face folder or Meta ``.pth`` file for a DINOv3 encoder.
+        ``decoder_checkpoint`` is a SAM-format file whose ``prompt_encoder.*`` and
+        ``mask_decoder.*`` weights are loaded afterwards (see ``load_decoder_checkpoint``).
+        """
         model = cls(
-            get_model_spec(name),
+            get_segmenter_spec(name),
             image_size=image_size,
             class_names=class_names,
             preprocess=preprocess,
             allow_preprocess_mismatch=allow_preprocess_mismatch,
+            decoder_model=decoder_model,
+            head_layers=head_layers,
         )
         if checkpoint is not None:
-            from fmadapt.models.checkpoint import load_checkpoint
+            if model.is_dinov3:
+                model.image_encoder.load_checkpoint(checkpoint)
+            else:
+                from fmadapt.models.checkpoint import load_checkpoint
 
-            load_checkpoint(model, checkpoint)
+                load_checkpoint(model, checkpoint)
+        if decoder_checkpoint is not None:
+            model.load_decoder_checkpoint(decoder_checkpoint)
         return model
 
     @property
+    def encoder(self) -> ImageEncoder:
+        """The image encoder behind the ``ImageEncoder`` interface (blocks, LoRA and adapter targets)."""
+        return self.__dict__["_encoder_view"]
+
+    @property
+    def is_dinov3(self) -> bool:
+        """Whether the encoder is a DINOv3 ViT (neck and semantic head) rather than SAM's ViT."""
+        return isinstance(self.spec, DinoV3Spec)
+
+    @property
     def low_res_size(self) -> int:
-        """Side of the decoder's square mask output in pixels, S/4."""
+        """Side of the decoded square masks in pixels, S/4."""
         return self.image_size // 4
 
     @property
@@ -102,11 +228,26 @@ class Segmenter(nn.Module):
         """Side of the encoder's square embedding grid, S/16 for patch size 16."""
         return self.image_size // self.spec.patch_size
 
+    @property
+    def embedding_channels(self) -> int:
+        """Channels of the image embedding that ``encode`` returns.
+
+        D for the SAM family and for DINOv3 without classes. A DINOv3 model with a
+        semantic head appends its L encoder maps of E channels each: D + L·E.
+        """
+        return self.prompt_embed_dim + len(self.head_layers) * self.encoder.block_embed_dim
+
     def extra_repr(self) -> str:
         return f"name={self.spec.name!r}, image_size={self.image_size}, class_names={self.class_names}"
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Encode B×3×S×S model inputs (from ``transform.image_to_tensor``) to B×E×h×w."""
+        """Encode B×3×S×S model inputs (from ``transform.image_to_tensor``) to the image embedding.
+
+        The embedding is B×``embedding_channels``×h×w. Its first D channels are what the
+        mask decoder reads. For a DINOv3 model with a semantic head, the encoder maps of
+        ``head_layers`` follow in that order, so slicing the batch keeps every image's maps
+        together with its embedding.
+        """
         expected = (3, self.image_size, self.image_size)
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
@@ -115,7 +256,12 @@ class Segmenter(nn.Module):
                 f"images must have shape B×3×{self.image_size}×{self.image_size}, got "
                 f"{tuple(images.shape)}; prepare each image with model.transform.image_to_tensor"
             )
-        return self.image_encoder(images)
+        if not self.is_dinov3:
+            return self.image_encoder(images)
+
+        last = len(self.image_encoder.blocks) - 1
+        maps = self.image_encoder.intermediate_maps(images, (*self.head_layers, last))
+        return torch.cat([self.neck(maps[-1]), *maps[:-1]], dim=1)
 
     def decode_prompts(
         self,
@@ -130,7 +276,7 @@ class Segmenter(nn.Module):
         """Decode P prompts on one image in a single decoder call.
 
         Args:
-            image_embedding: 1×E×h×w from ``encode``.
+            image_embedding: 1×``embedding_channels``×h×w from ``encode``.
             boxes: P×4 XYXY boxes in the model frame.
             points: P×N×2 XY points in the model frame, with ``point_labels`` P×N
                 (1 foreground, 0 background, -1 padding that the decoder ignores).
@@ -153,7 +299,7 @@ class Segmenter(nn.Module):
 
         sparse, dense = self.prompt_encoder(points=point_pair, boxes=boxes, masks=mask_input)
         return self.mask_decoder(
-            image_embeddings=image_embedding,
+            image_embeddings=image_embedding[:, : self.prompt_embed_dim],
             image_pe=self.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
@@ -163,11 +309,12 @@ class Segmenter(nn.Module):
     def decode_classes(self, image_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode one mask per class without user prompts (automatic mode).
 
-        Each class's learned embedding is the only sparse prompt token, and the dense
-        prompt is the prompt encoder's no-mask embedding.
+        SAM family: each class's learned embedding is the only sparse prompt token, and
+        the dense prompt is the prompt encoder's no-mask embedding. DINOv3: the semantic
+        head reads the encoder maps stored in the embedding.
 
         Args:
-            image_embedding: 1×E×h×w from ``encode``.
+            image_embedding: 1×``embedding_channels``×h×w from ``encode``.
 
         Returns:
             Mask logits C×(S/4)×(S/4) and predicted IoU C, in ``class_names`` order.
@@ -178,6 +325,11 @@ class Segmenter(nn.Module):
                 "class_names=('liver', ...) to use automatic mode"
             )
         self._check_embedding(image_embedding)
+        if self.is_dinov3:
+            maps = image_embedding[:, self.prompt_embed_dim :].split(self.encoder.block_embed_dim, dim=1)
+            logits, scores = self.semantic_head(maps)
+            return logits[0], scores[0]
+
         num_classes = len(self.class_names)
         sparse = self.class_embeddings.weight.unsqueeze(1)
         grid = self.prompt_encoder.image_embedding_size
@@ -192,9 +344,22 @@ class Segmenter(nn.Module):
         )
         return logits[:, 0], iou[:, 0]
 
+    def load_decoder_checkpoint(self, path: str | PathLike[str]) -> list[str]:
+        """Load only the ``prompt_encoder.*`` and ``mask_decoder.*`` weights of a SAM-format file.
+
+        The file's image encoder is skipped, so a DINOv3 model can start its decoder from
+        SAM or MedSAM. Returns the loaded keys, sorted. Raises CheckpointError as
+        ``read_decoder_state`` describes.
+        """
+        model_state = {key: value for key, value in self.state_dict().items() if key.startswith(DECODER_PREFIXES)}
+        decoder_state = read_decoder_state(path, model_state)
+        self.load_state_dict(decoder_state, strict=False)
+        logger.info("loaded %d prompt encoder and mask decoder tensors from %s", len(decoder_state), path)
+        return sorted(decoder_state)
+
     def _check_embedding(self, image_embedding: torch.Tensor) -> None:
         grid = self.embedding_size
-        expected = (1, self.spec.prompt_embed_dim, grid, grid)
+        expected = (1, self.embedding_channels, grid, grid)
         if not isinstance(image_embedding, torch.Tensor):
             raise TypeError(f"image_embedding must be a torch.Tensor, got {type(image_embedding).__name__}")
         if tuple(image_embedding.shape) != expected:
@@ -202,6 +367,23 @@ class Segmenter(nn.Module):
                 f"image_embedding must have shape {'×'.join(map(str, expected))} (one image), got "
                 f"{tuple(image_embedding.shape)}; decode each image of a batch separately"
             )
+
+
+def _reject_dinov3_options(spec: ModelSpec, **options: object) -> None:
+    given = sorted(name for name, value in options.items() if value is not None)
+    if given:
+        raise ValueError(
+            f"{given} apply only to DINOv3 models, but {spec.name!r} is a {spec.family} model; leave them unset"
+        )
+
+
+def _check_head_layers(encoder: DinoV3Encoder, head_layers: Sequence[int] | None) -> tuple[int, ...]:
+    if head_layers is None:
+        return default_head_layers(len(encoder.blocks))
+    layers = encoder.check_layers(head_layers)
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"head_layers repeats a block index: {list(head_layers)} resolves to {list(layers)}")
+    return layers
 
 
 def _check_class_names(class_names: Sequence[str]) -> tuple[str, ...]:
