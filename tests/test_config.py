@@ -17,10 +17,14 @@ def minimal(**changes):
 
 
 def test_recipes_in_repo_load(monkeypatch, tmp_path):
+    from fmadapt.train.ssl.config import load_pretrain_recipe
+
     monkeypatch.setenv("FMADAPT_DATA", str(tmp_path))
-    assert len(RECIPES) >= 2
+    assert len(RECIPES) >= 3
     for path in RECIPES:
-        recipe = load_recipe(path)
+        # Self-supervised recipes (names with "_ssl") follow the pretraining schema.
+        loader = load_pretrain_recipe if "_ssl" in path.stem else load_recipe
+        recipe = loader(path)
         assert recipe.name == path.stem
 
 
