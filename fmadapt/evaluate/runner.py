@@ -56,14 +56,27 @@ class EvaluationResult:
 
 
 def evaluate_run(
-    run_dir: str | Path, mode: str, split: str | None = None, overrides: list[str] | None = None
+    run_dir: str | Path,
+    mode: str,
+    split: str | None = None,
+    overrides: list[str] | None = None,
+    protocol=None,
 ) -> list[EvaluationResult]:
     """Evaluate the run in ``run_dir``; prompted mode returns one result per jitter level.
 
     ``overrides`` are ``evaluate.*`` recipe keys as ``key=value``, e.g. ``evaluate.max_cases=5``.
+    The modes ``clicks``, ``iterative`` and ``propagate3d`` run
+    :func:`fmadapt.evaluate.protocols.run_protocol` with ``protocol`` (a ProtocolSettings,
+    None for its defaults).
     """
+    # Imported here because the protocols module imports EvaluationResult from this one.
+    from fmadapt.evaluate.protocols import PROTOCOL_MODES, run_protocol
+
+    if mode in PROTOCOL_MODES:
+        return run_protocol(run_dir, mode, split, overrides, protocol)
     if mode not in EVALUATION_MODES:
-        raise ValueError(f"mode {mode!r} is invalid; choose 'prompted' or 'automatic'")
+        choices = ", ".join(EVALUATION_MODES + PROTOCOL_MODES)
+        raise ValueError(f"mode {mode!r} is invalid; choose one of {choices}")
     run_dir = Path(run_dir)
     recipe, model = load_run(run_dir, overrides)
     split = split or recipe.evaluate.split
