@@ -1,4 +1,4 @@
-"""The ``fmadapt`` command: train, evaluate, quickstart, models, checkpoints."""
+"""The ``fmadapt`` command: train, pretrain, evaluate, quickstart, models, checkpoints."""
 
 from __future__ import annotations
 
@@ -22,10 +22,33 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    from fmadapt.train.ssl.config import load_pretrain_recipe
+    from fmadapt.train.ssl.loop import pretrain
+
+    recipe = load_pretrain_recipe(args.recipe, args.overrides)
+    result = pretrain(recipe, args.output, resume=args.resume, stop_after=args.stop_after)
+    if result.completed:
+        logger.info("pretraining finished at step %d; encoder checkpoint: %s", result.step, result.encoder_dir)
+        return 0
+    if result.stop_reason is None:
+        logger.info("pretraining paused at step %d; continue with --resume --output %s", result.step, result.run_dir)
+        return 0
+    logger.error("pretraining stopped at step %d: %s; run folder: %s", result.step, result.stop_reason, result.run_dir)
+    return 1
+
+
 def _evaluate(args: argparse.Namespace) -> int:
+    from fmadapt.evaluate.protocols import PROTOCOL_MODES, ProtocolSettings
     from fmadapt.evaluate.runner import evaluate_run
 
-    for result in evaluate_run(args.run_dir, args.mode, args.split, args.overrides):
+    protocol_options = {name: getattr(args, name) for name in _PROTOCOL_OPTIONS if getattr(args, name) is not None}
+    protocol = None
+    if args.mode in PROTOCOL_MODES:
+        protocol = ProtocolSettings(**protocol_options)
+    elif protocol_options:
+        logger.warning("--mode %s ignores the protocol options %s", args.mode, ", ".join(sorted(protocol_options)))
+    for result in evaluate_run(args.run_dir, args.mode, args.split, args.overrides, protocol):
         mean = result.summary["overall"]["dice"]["mean"]
         logger.info("%s: mean Dice %s; results in %s", result.folder.name, "n/a" if mean != mean else f"{mean:.4f}", result.folder)
     return 0
@@ -39,11 +62,11 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from fmadapt.models.registry import get_model_spec, list_models
+    from fmadapt.models import get_segmenter_spec, list_segmenter_models
 
-    for name in list_models():
-        spec = get_model_spec(name)
-        sys.stdout.write(f"{name:16s} {spec.description}\n")
+    for name in list_segmenter_models():
+        spec = get_segmenter_spec(name)
+        sys.stdout.write(f"{name:20s} {spec.description}\n")
     return 0
 
 
@@ -62,6 +85,118 @@ def _checkpoints(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+_PROTOCOL_OPTIONS = (
+    "seed", "box_jitter", "jitter_unit", "num_positive", "num_negative", "click_mode",
+    "num_interactions", "start", "feed_logits", "key_slice", "margin", "min_area",
+)
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0,5,10, got {text!r}") from None
+
+
+def _add_protocol_options(evaluate: argparse.ArgumentParser) -> None:
+    """Options of the clicks, iterative and propagate3d modes; unset ones keep ProtocolSettings defaults."""
+    group = evaluate.add_argument_group("prompt protocols (clicks, iterative, propagate3d)")
+    group.add_argument("--seed", type=int, help="seed of click and box noise draws (default: the recipe seed)")
+    group.add_argument("--box-jitter", dest="box_jitter", type=_float_list,
+                       help="comma-separated box noise levels, one evaluation each (default: 0)")
+    group.add_argument("--jitter-unit", dest="jitter_unit", choices=["pixels", "fraction"],
+                       help="box noise in pixels or as a fraction of the box side (default: pixels)")
+    group.add_argument("--positive-clicks", dest="num_positive", type=int,
+                       help="positive clicks per object in clicks mode (default: 1)")
+    group.add_argument("--negative-clicks", dest="num_negative", type=int,
+                       help="negative clicks per object in clicks mode (default: 0)")
+    group.add_argument("--click-mode", dest="click_mode", choices=["center", "random"],
+                       help="first positive click at the object pixel farthest from its border, or at random "
+                       "(default: center)")
+    group.add_argument("--interactions", dest="num_interactions", type=int,
+                       help="iterative mode: budget of interactions, the first prompt included (default: 5)")
+    group.add_argument("--start", choices=["box", "click"], help="iterative mode: first prompt (default: box)")
+    group.add_argument("--no-mask-input", dest="feed_logits", action="store_const", const=False,
+                       help="iterative mode: do not feed the previous low-res logits back as mask input")
+    group.add_argument("--key-slice", dest="key_slice", choices=["largest", "middle"],
+                       help="propagate3d: which object slice gets the box (default: largest)")
+    group.add_argument("--margin", type=float,
+                       help="propagate3d: pixels added to each side of every propagated box (default: 0)")
+    group.add_argument("--min-area", dest="min_area", type=int,
+                       help="propagate3d: predictions with fewer pixels end propagation (default: 1)")
+
+
+def _evaluate_folder(args: argparse.Namespace) -> int:
+    from fmadapt.evaluate.detection import DetectionSettings
+    from fmadapt.evaluate.folder import evaluate_folder, write_folder_detection, write_folder_overlays
+    from fmadapt.evaluate.report import write_report
+
+    evaluation = evaluate_folder(
+        args.prediction_dir,
+        args.reference_dir,
+        labels=args.labels,
+        tolerance_mm=args.tolerance_mm,
+        output_dir=args.output,
+        splits_file=args.splits,
+        fold=args.fold,
+        allow_missing=args.allow_missing,
+    )
+    if args.images:
+        write_folder_overlays(evaluation, args.images)
+    if args.detection:
+        settings = DetectionSettings(
+            min_size=args.min_size, size_unit=args.size_unit, connectivity=args.connectivity, hit_threshold=args.hit_threshold
+        )
+        write_folder_detection(evaluation, settings, args.min_size_sweep or ())
+    report = write_report(evaluation.output_dir)
+    dice = evaluation.summary["foreground_mean"]["Dice"]
+    logger.info("foreground mean Dice %s over %d cases; report: %s", "n/a" if dice != dice else f"{dice:.4f}", len(evaluation.cases), report)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from fmadapt.evaluate.compare import compare_runs, format_comparison
+
+    comparison = compare_runs(args.runs, args.metric)
+    sys.stdout.write(format_comparison(comparison, per_case=not args.summary_only))
+    return 0
+
+
+def _add_evaluate_folder_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "evaluate-folder", help="score a folder of NIfTI predictions (e.g. nnU-Net's) against reference label maps"
+    )
+    parser.add_argument("prediction_dir", help="folder of CASE.nii.gz predictions")
+    parser.add_argument("reference_dir", help="folder of CASE.nii.gz reference label maps, e.g. nnU-Net's labelsTr")
+    parser.add_argument("--labels", nargs="+", help="label ids or dataset.json names (default: dataset.json's foreground labels)")
+    parser.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance in mm (default: 2.0)")
+    parser.add_argument("--output", help="folder for summary.json, per_case.csv and report.md (default: PRED_DIR/fmadapt_evaluation)")
+    parser.add_argument("--splits", help="nnU-Net splits_final.json; with --fold, only that fold's validation cases count")
+    parser.add_argument("--fold", type=int, help="fold index (0-based) in --splits")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="score reference cases without a prediction as empty predictions instead of failing")
+    parser.add_argument("--images", help="folder of CASE_0000.nii.gz images; draws overlays.png of the worst, median and best case")
+    group = parser.add_argument_group("lesion detection")
+    group.add_argument("--detection", action="store_true", help="also write detection.json and froc.png per label")
+    group.add_argument("--min-size", type=float, default=0.0, help="remove predicted components smaller than this (default: 0)")
+    group.add_argument("--size-unit", choices=["voxels", "mm3"], default="voxels", help="unit of --min-size (default: voxels)")
+    group.add_argument("--min-size-sweep", nargs="+", type=float, help="minimum sizes to report beside --min-size")
+    group.add_argument("--connectivity", choices=["face", "full"], default="face",
+                       help="face: voxels sharing a face form a component; full: also edges and corners (default: face)")
+    group.add_argument("--hit-threshold", type=float, default=0.1,
+                       help="fraction of a lesion a predicted component must cover to detect it (default: 0.1)")
+    parser.set_defaults(handler=_evaluate_folder)
+
+
+def _add_compare_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("compare", help="compare evaluation runs case by case with a paired Wilcoxon test")
+    parser.add_argument("runs", nargs="+", help="per_case.csv files or evaluation folders; the first is the baseline")
+    parser.add_argument("--metric", nargs="+", default=["dice"], choices=["dice", "iou", "nsd", "hd95"],
+                        help="metrics to compare (default: dice)")
+    parser.add_argument("--summary-only", action="store_true", help="leave out the per-case differences")
+    parser.set_defaults(handler=_compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fmadapt", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fmadapt {__version__}")
@@ -76,13 +211,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="recipe overrides as key=value, e.g. train.epochs=3")
     train.set_defaults(handler=_train)
 
+    pretrain = commands.add_parser(
+        "pretrain", help="self-supervised adaptation (DINO + iBOT) of a DINOv3 encoder on unlabelled images"
+    )
+    pretrain.add_argument("recipe", help="path of the YAML pretrain recipe, such as recipes/dinov3_ssl_ct.yaml")
+    pretrain.add_argument("--output", help="run folder (default: <output_dir>/<name> from the recipe)")
+    pretrain.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run folder")
+    pretrain.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+                          help="stop after this many optimizer steps and save a checkpoint; continue later with --resume")
+    pretrain.add_argument("overrides", nargs="*", help="recipe overrides as key=value, e.g. train.steps=50")
+    pretrain.set_defaults(handler=_pretrain)
+
     evaluate = commands.add_parser("evaluate", help="evaluate a trained run on held-out cases")
     evaluate.add_argument("run_dir", help="folder written by `fmadapt train`")
-    evaluate.add_argument("--mode", required=True, choices=["prompted", "automatic"],
-                          help="prompted: ground-truth box per class and slice; automatic: no prompt")
+    evaluate.add_argument("--mode", required=True,
+                          choices=["prompted", "automatic", "clicks", "iterative", "propagate3d"],
+                          help="prompted: ground-truth box per class and slice; automatic: no prompt; "
+                          "clicks: simulated clicks per object; iterative: a first prompt then correction "
+                          "clicks; propagate3d: one box on a key slice propagated through the volume")
     evaluate.add_argument("--split", choices=["train", "validation", "test"], default=None,
                           help="which split to evaluate (default: the recipe's evaluate.split, normally test)")
     evaluate.add_argument("overrides", nargs="*", help="evaluate.* overrides as key=value, e.g. evaluate.max_cases=5")
+    _add_protocol_options(evaluate)
     evaluate.set_defaults(handler=_evaluate)
 
     quickstart = commands.add_parser(
@@ -100,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     checkpoints.add_argument("--folder", default="checkpoints", help="folder that contains the .pth files")
     checkpoints.set_defaults(handler=_checkpoints)
+
+    _add_evaluate_folder_parser(commands)
+    _add_compare_parser(commands)
     return parser
 
 
