@@ -22,8 +22,9 @@ and height for y (``jitter_unit="fraction"``). Each level restarts the random ge
 the seed, so levels differ only in their noise.
 
 Each evaluation writes ``RUN_DIR/eval_<split>_<mode>[_jitter<J>[frac]]`` with ``per_case.csv``,
-``summary.json``, ``predictions/CASE.nii.gz`` and ``protocol.json`` (mode, split, seed, noise
-level and every setting), built under a temporary name and renamed when complete. Where the
+``summary.json``, ``predictions/CASE.nii.gz``, ``protocol.json`` (mode, split, seed, noise
+level and every setting), ``overlays.png`` (worst, median and best case by Dice) and
+``report.md``, built under a temporary name and renamed when complete. Where the
 masks of two classes overlap, the written label map keeps the class listed first in the recipe.
 """
 
@@ -60,6 +61,7 @@ from fmadapt.evaluate.interactive import (
 )
 from fmadapt.evaluate.metrics import compute_case_metrics, dice
 from fmadapt.evaluate.propagation import KEY_SLICE_RULES, choose_key_slice, propagate
+from fmadapt.evaluate.report import cut_overlay_case, write_case_overlays, write_report
 from fmadapt.evaluate.results import MetricTable
 from fmadapt.evaluate.runner import EvaluationResult
 from fmadapt.inference.predictor import Predictor
@@ -230,12 +232,17 @@ def _write_evaluation(context: _Context, cases: list, dataset_ids: dict[str, int
     rng = np.random.default_rng(context.settings.seed)
     names = list(dataset_ids)
     table, curves, propagation_rows = MetricTable(), [], []
+    views = {}
     try:
         for case in tqdm(cases, desc=f"{context.mode} {context.split}", leave=False):
             region, masks, extra = _run_case(context, case, names, level, rng, curves, propagation_rows)
             rows = _class_rows(masks, case.label, region, case.label_source.spacing, names, context.recipe)
             noise = {} if level is None else {"jitter": level, "jitter_unit": context.settings.jitter_unit}
             table.add_case(case.case_id, rows, mode=context.mode, **noise, **extra)
+            region_labels = _merged_dataset_labels(masks[(slice(None), *region)], list(range(1, len(names) + 1)))
+            views[case.case_id] = cut_overlay_case(
+                case.case_id, case.image[region], case.label[region], region_labels, context.recipe.data.axis
+            )
             if context.recipe.evaluate.write_predictions:
                 labels = _merged_dataset_labels(masks, list(dataset_ids.values()))
                 write_segmentation(partial / "predictions" / f"{case.case_id}.nii.gz", labels, case.label_source)
@@ -248,6 +255,9 @@ def _write_evaluation(context: _Context, cases: list, dataset_ids: dict[str, int
         _write_json(partial / "summary.json", summary)
         record = {"mode": context.mode, "split": context.split, "jitter": level, "cases": [c.case_id for c in cases]}
         _write_json(partial / PROTOCOL_FILE, {**record, **dataclasses.asdict(context.settings)})
+        write_case_overlays(partial, table.rows, views)
+        listed = {key: value for key, value in record.items() if key != "cases"}
+        write_report(partial, {**listed, **dataclasses.asdict(context.settings)})
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

@@ -33,6 +33,7 @@ DETECTION_FILENAME = "detection.json"
 OVERLAY_FILENAME = "overlays.png"
 FROC_FILENAME = "froc.png"
 RANKS = ("worst", "median", "best")
+SWEEP_FILENAME = "threshold_sweep.csv"
 
 _PANEL_SIZE = 256
 _REFERENCE_COLOUR = (0, 200, 0)
@@ -54,21 +55,30 @@ class OverlayCase:
     prediction: np.ndarray
 
 
-def rank_cases(rows: Sequence[Mapping], metric: str = "dice") -> dict[str, str]:
-    """Pick the worst, median and best case by ``metric`` averaged over each case's classes.
+def case_means(rows: Sequence[Mapping], metric: str = "dice") -> dict[str, float]:
+    """Average ``metric`` over each case's classes in per-case rows (per_case.csv).
 
-    ``rows`` are per-case rows with ``case`` and ``metric`` keys (per_case.csv). NaN values are
-    skipped, and cases without a finite value are not ranked. For HD95 a lower value is better.
-    Returns {"worst": case, "median": case, "best": case}, or {} when nothing can be ranked.
+    NaN values are skipped, and a case without a finite value is left out. Infinite HD95
+    values (one mask empty) are kept, so such a case averages to infinity.
     """
     values: dict[str, list[float]] = {}
     for row in rows:
         value = float(row[metric])
         if math.isfinite(value) or (metric == "hd95" and value == math.inf):
             values.setdefault(str(row["case"]), []).append(value)
-    if not values:
+    return {case: float(np.mean(case_values)) for case, case_values in values.items()}
+
+
+def rank_cases(rows: Sequence[Mapping], metric: str = "dice") -> dict[str, str]:
+    """Pick the worst, median and best case by ``metric`` averaged over each case's classes.
+
+    ``rows`` are per-case rows with ``case`` and ``metric`` keys (per_case.csv), averaged by
+    :func:`case_means`. For HD95 a lower value is better. Returns {"worst": case,
+    "median": case, "best": case}, or {} when nothing can be ranked.
+    """
+    means = case_means(rows, metric)
+    if not means:
         return {}
-    means = {case: float(np.mean(case_values)) for case, case_values in values.items()}
     ordered = sorted(means, key=lambda case: (means[case], case), reverse=metric == "hd95")
     return {"worst": ordered[0], "median": ordered[(len(ordered) - 1) // 2], "best": ordered[-1]}
 
@@ -85,6 +95,51 @@ def write_overlay_figure(path: str | os.PathLike, cases: Sequence[OverlayCase]) 
         figure.paste(row, (0, top))
         top += row.height
     return _save_png_atomically(figure, path)
+
+
+def cut_overlay_case(
+    case_id: str, image: np.ndarray, reference: np.ndarray, prediction: np.ndarray, axis: int | None
+) -> OverlayCase:
+    """Cut the view of one evaluated case that an overlay figure shows, titled with its id.
+
+    ``reference`` and ``prediction`` are label maps of the evaluated region, and ``image`` has
+    their shape plus an optional trailing channel axis. A 2D case (``axis`` None) is kept
+    whole. A volume is cut at the slice along ``axis`` with the most reference foreground.
+    When the reference is empty, the slice with the most predicted foreground is taken, or
+    else the middle slice. The slice is rotated by 90° as in the usual axial view of NIfTI
+    arrays. An image with other than 3 channels shows its first channel.
+    """
+    if axis is not None:
+        other_axes = tuple(a for a in range(reference.ndim) if a != axis)
+        counts = np.count_nonzero(reference, axis=other_axes)
+        if not counts.any():
+            counts = np.count_nonzero(prediction, axis=other_axes)
+        index = int(np.argmax(counts)) if counts.any() else reference.shape[axis] // 2
+        image, reference, prediction = (np.rot90(np.take(array, index, axis=axis)) for array in (image, reference, prediction))
+    if image.ndim == reference.ndim + 1 and image.shape[-1] != 3:
+        image = image[..., 0]
+    return OverlayCase(case_id, np.asarray(image), np.asarray(reference), np.asarray(prediction))
+
+
+def write_case_overlays(folder: str | os.PathLike, rows: Sequence[Mapping], views: Mapping[str, OverlayCase]) -> Path | None:
+    """Draw the worst, median and best case by Dice into ``overlays.png`` of ``folder``.
+
+    ``rows`` are per-case rows (per_case.csv) and ``views`` maps each case id to the view
+    of :func:`cut_overlay_case`. Rows are titled with rank, case id and mean Dice. Returns
+    the path, or None (logged) when no case has a finite Dice.
+    """
+    means = case_means(rows)
+    ranked = rank_cases(rows)
+    if not ranked:
+        logger.warning("no case in %s has a finite Dice, so no overlay figure is drawn", folder)
+        return None
+    cases = []
+    for rank in RANKS:
+        case_id = ranked[rank]
+        view = views[case_id]
+        title = f"{rank} {case_id} (Dice {means[case_id]:.3f})"
+        cases.append(OverlayCase(title, view.image, view.reference, view.prediction))
+    return write_overlay_figure(Path(folder) / OVERLAY_FILENAME, cases)
 
 
 def write_froc_figure(path: str | os.PathLike, curves: Mapping[str, FrocResult]) -> Path:
@@ -121,14 +176,24 @@ def write_froc_figure(path: str | os.PathLike, curves: Mapping[str, FrocResult])
 
 
 def write_detection_json(
-    folder: str | os.PathLike, frocs: Mapping[str, FrocResult], settings: Mapping, sweeps: Mapping[str, Sequence[SweepRow]]
+    folder: str | os.PathLike,
+    frocs: Mapping[str, FrocResult],
+    settings: Mapping,
+    sweeps: Mapping[str, Sequence[SweepRow]],
+    lesions: Mapping[str, Sequence[Mapping]] | None = None,
 ) -> Path:
-    """Write ``detection.json`` with the settings, each label's FROC results and sweep rows."""
+    """Write ``detection.json`` with the settings, each label's FROC results and sweep rows.
+
+    ``lesions`` adds, per label, one entry per reference lesion (for example its case, size,
+    score and Dice) under ``"lesions"``.
+    """
     data = {
         "settings": dict(settings),
         "labels": {name: froc.to_dict() for name, froc in frocs.items()},
         "sweeps": {name: [vars(row) for row in rows] for name, rows in sweeps.items()},
     }
+    if lesions is not None:
+        data["lesions"] = {name: [dict(entry) for entry in entries] for name, entries in lesions.items()}
     text = json.dumps(_strict(data), indent=2, allow_nan=False) + "\n"
     return _write_text_atomically(Path(folder) / DETECTION_FILENAME, text, "folder")
 
@@ -147,19 +212,27 @@ def format_sweep_table(rows: Sequence[SweepRow | Mapping]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(folder: str | os.PathLike) -> Path:
-    """Write ``report.md`` into an evaluation folder from the files it contains, and return its path."""
+def write_report(folder: str | os.PathLike, settings: Mapping | None = None) -> Path:
+    """Write ``report.md`` into an evaluation folder from the files it contains, and return its path.
+
+    ``settings`` (name to JSON-serialisable value) are listed first under "Settings".
+    """
     folder = Path(folder)
+    # Evaluations write the report into their folder while it is still named NAME.partial.
+    name = folder.name.removesuffix(".partial")
     summary_path = folder / SUMMARY_FILENAME
     if not summary_path.is_file():
         raise FileNotFoundError(f"{str(summary_path)!r} not found; write_report needs an evaluation folder")
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     rows = _read_per_case(folder / PER_CASE_FILENAME)
 
-    lines = [f"# Evaluation report: {folder.name}", ""]
-    lines += _settings_section(folder, summary)
+    lines = [f"# Evaluation report: {name}", ""]
+    lines += _settings_section(folder, summary, settings or {})
     lines += _metrics_section(summary, rows)
     lines += _ranked_cases_section(rows)
+    sweep_path = folder / SWEEP_FILENAME
+    if sweep_path.is_file():
+        lines += _sweep_section(_read_per_case(sweep_path))
     detection_path = folder / DETECTION_FILENAME
     if detection_path.is_file():
         lines += _detection_section(json.loads(detection_path.read_text(encoding="utf-8")))
@@ -172,8 +245,9 @@ def write_report(folder: str | os.PathLike) -> Path:
     return path
 
 
-def _settings_section(folder: Path, summary: Mapping) -> list[str]:
+def _settings_section(folder: Path, summary: Mapping, settings: Mapping) -> list[str]:
     lines = ["## Settings", ""]
+    lines += [f"- {key}: `{json.dumps(_strict(value))}`" for key, value in settings.items()]
     if "fmadapt" in summary:
         for key, value in summary["fmadapt"]["settings"].items():
             lines.append(f"- {key}: `{json.dumps(value)}`")
@@ -182,7 +256,8 @@ def _settings_section(folder: Path, summary: Mapping) -> list[str]:
     else:
         lines.append(f"- cases: {summary.get('n_cases')}")
         for key, values in summary.get("extra_columns", {}).items():
-            lines.append(f"- {key}: {', '.join(str(value) for value in values)}")
+            if key not in settings:
+                lines.append(f"- {key}: {', '.join(str(value) for value in values)}")
         if (folder.parent / "recipe.yaml").is_file():
             lines.append("- recipe: [../recipe.yaml](../recipe.yaml)")
     return lines + [""]
@@ -208,9 +283,27 @@ def _ranked_cases_section(rows: list[dict]) -> list[str]:
     ranked = rank_cases(rows)
     if not ranked:
         return []
+    means = case_means(rows)
     lines = ["## Worst, median and best case by Dice", ""]
-    lines += [f"- {rank}: {ranked[rank]}" for rank in RANKS]
+    lines += [f"- {rank}: {ranked[rank]} (Dice {means[ranked[rank]]:.3f})" for rank in RANKS]
     return lines + [""]
+
+
+def _sweep_section(rows: list[dict]) -> list[str]:
+    lines = ["## Probability cut-off and small-component removal", ""]
+    lines += [
+        f"Rows of `{SWEEP_FILENAME}`. The chosen setting is the cut-off 0.5 with no component removed; "
+        "min_size_mm3 rows remove predicted components smaller than the size (pixels for 2D images).",
+        "",
+    ]
+    classes: dict[str, list[dict]] = {}
+    for row in rows:
+        parsed = {key: float(row[key]) for key in row if key not in ("class_name", "parameter", "chosen")}
+        parsed.update(parameter=row["parameter"], chosen=row["chosen"] == "True")
+        classes.setdefault(row["class_name"], []).append(parsed)
+    for name, class_rows in classes.items():
+        lines += [f"### {name}", "", format_sweep_table(class_rows)]
+    return lines
 
 
 def _detection_section(detection: Mapping) -> list[str]:
@@ -237,9 +330,12 @@ def _overlay_row(case: OverlayCase) -> Image.Image:
     size = (max(1, round(base.shape[1] * scale)), max(1, round(base.shape[0] * scale)))
     row = Image.new("RGB", (3 * size[0], size[1] + 18), "white")
     draw = ImageDraw.Draw(row)
-    for index, (panel, caption) in enumerate(zip(panels, ("image", "reference", "prediction"))):
+    for index, panel in enumerate(panels):
         row.paste(Image.fromarray(panel).resize(size, Image.NEAREST), (index * size[0], 18))
-        draw.text((index * size[0] + 4, 3), f"{case.title}: {caption}" if index == 0 else caption, fill="black")
+    # The title may be wider than one panel, so the two panel captions are right-aligned.
+    draw.text((4, 3), case.title, fill="black")
+    for index, caption in ((1, "reference"), (2, "prediction")):
+        draw.text(((index + 1) * size[0] - 4 - draw.textlength(caption), 3), caption, fill="black")
     return row
 
 

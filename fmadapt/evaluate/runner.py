@@ -9,8 +9,14 @@ on its own mask (logit > 0), so overlapping masks of two classes are not cut aga
 other; the written label map gives overlaps to the class with the larger logit.
 
 Each evaluation writes ``per_case.csv``, ``summary.json`` and ``predictions/CASE.nii.gz``
-into ``RUN_DIR/eval_<split>_<mode>[_jitter<J>]``. The folder is built under a temporary
-name and renamed when complete, so a failed evaluation leaves no partial report.
+into ``RUN_DIR/eval_<split>_<mode>[_jitter<J>]``. Then ``overlays.png`` shows image, reference
+and prediction of the worst, median and best case by Dice (a volume at its slice with the
+most reference foreground), and ``report.md`` lists the settings and links the figures.
+Automatic mode also keeps each case's class probabilities (float16, evaluated region only)
+and writes the sweeps of :mod:`fmadapt.evaluate.sweeps`: ``threshold_sweep.csv``, and with
+``evaluate.detection: true`` also ``detection.json`` and ``froc.png``. The folder is built
+under a temporary name and renamed when complete, so a failed evaluation leaves no partial
+report.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ from fmadapt.data.io import write_segmentation
 from fmadapt.data.prompts import box_from_mask, jitter_box
 from fmadapt.errors import RecipeError
 from fmadapt.evaluate.metrics import compute_case_metrics
+from fmadapt.evaluate.report import cut_overlay_case, write_case_overlays, write_report
 from fmadapt.evaluate.results import MetricTable
+from fmadapt.evaluate.sweeps import CHOSEN_THRESHOLD, ProbabilitySweeps, probabilities_from_logits
 from fmadapt.inference.label_maps import (
     class_logits_automatic,
     class_logits_from_boxes,
@@ -53,6 +61,16 @@ class EvaluationResult:
     mode: str
     jitter: float | None
     summary: dict
+
+
+@dataclass
+class _CasePrediction:
+    """Predictions of one case: C×(label shape) bool class masks, the merged uint8 label map
+    with classes 1..C, and in automatic mode the C×(region shape) float16 probabilities."""
+
+    masks: np.ndarray
+    labels: np.ndarray
+    probabilities: np.ndarray | None
 
 
 def evaluate_run(
@@ -117,27 +135,39 @@ def _evaluate_cases(
     if partial.exists():
         shutil.rmtree(partial)
     (partial / "predictions").mkdir(parents=True)
+
     table = MetricTable()
     recipe_ids = {name: index + 1 for index, name in enumerate(dataset_ids)}
     rng = np.random.default_rng(recipe.seed)
     axis = recipe.data.axis
+    sweeps = _automatic_sweeps(recipe, list(recipe_ids)) if mode == "automatic" else None
+    views = {}
     try:
         for case in tqdm(cases, desc=f"{mode} {split}", leave=False):
             slices, block = split_slices_for_evaluation(case, plan, split, axis)
-            masks, merged = _predict_case(model, case, slices, axis, mode, jitter, len(recipe_ids), rng)
-            region = [slice(None)] * case.label.ndim
-            if block is not None:
-                region[axis] = slice(*block)
-            region = tuple(region)
-            rows = _class_metrics(masks, case.label, region, case.label_source.spacing, recipe_ids, recipe)
+            region = _evaluated_region(case.label.ndim, axis, block)
+            prediction = _predict_case(model, case, slices, axis, block, mode, jitter, len(recipe_ids), rng)
+
+            rows = _class_metrics(prediction.masks, case.label, region, case.label_source.spacing, recipe_ids, recipe)
             extra = {"mode": mode, "jitter": jitter if jitter is not None else ""}
             if block is not None:
                 extra["slices"] = f"{block[0]}-{block[1] - 1}"
             table.add_case(case.case_id, rows, **extra)
+            if sweeps is not None:
+                sweeps.add_case(case.case_id, prediction.probabilities, case.label[region], case.label_source.spacing)
+
+            views[case.case_id] = cut_overlay_case(
+                case.case_id, case.image[region], case.label[region], prediction.labels[region], axis
+            )
             if recipe.evaluate.write_predictions:
-                labels = _to_dataset_ids(merged, list(dataset_ids.values()))
+                labels = _to_dataset_ids(prediction.labels, list(dataset_ids.values()))
                 write_segmentation(partial / "predictions" / f"{case.case_id}.nii.gz", labels, case.label_source)
+
         table.write(partial)
+        if sweeps is not None:
+            sweeps.write(partial)
+        write_case_overlays(partial, table.rows, views)
+        write_report(partial, _report_settings(recipe, split, mode, jitter))
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -147,24 +177,42 @@ def _evaluate_cases(
     return table.summary()
 
 
+def _automatic_sweeps(recipe: Recipe, class_names: list[str]) -> ProbabilitySweeps:
+    settings = recipe.evaluate
+    return ProbabilitySweeps(class_names, settings.threshold_sweep, settings.min_size_sweep_mm3, settings.detection)
+
+
+def _evaluated_region(ndim: int, axis: int | None, block: tuple[int, int] | None) -> tuple:
+    """Index of the evaluated part of a case: the split's slice block, or everything."""
+    region = [slice(None)] * ndim
+    if block is not None:
+        region[axis] = slice(*block)
+    return tuple(region)
+
+
 def _predict_case(
     model,
     case: LoadedCase,
     slices: list[SliceSample],
     axis: int | None,
+    block: tuple[int, int] | None,
     mode: str,
     jitter: float | None,
     num_classes: int,
     rng: np.random.Generator,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> _CasePrediction:
     """Predict every slice of ``slices`` and place the results into volumes like case.label.
 
-    Returns:
-        C×(shape of case.label) bool class masks (logit > 0) and the merged uint8 label
-        map with classes 1..C. Slices outside ``slices`` stay empty.
+    Masks are logit > 0. Slices outside ``slices`` stay empty (probability 0). Probabilities
+    cover only the slice block ``block`` of a volume, so a slice's place in them is its index
+    minus ``block[0]``.
     """
     masks = np.zeros((num_classes, *case.label.shape), dtype=bool)
     merged = np.zeros(case.label.shape, dtype=np.uint8)
+    probabilities = None
+    if mode == "automatic":
+        region_shape = case.label[_evaluated_region(case.label.ndim, axis, block)].shape
+        probabilities = np.zeros((num_classes, *region_shape), dtype=np.float16)
     for sample in slices:
         embedding = embed_image(model, sample.image)
         size = sample.label.shape[:2]
@@ -185,7 +233,27 @@ def _predict_case(
             index[axis] = sample.index
         masks[(slice(None), *index)] = (logits > 0).numpy()
         merged[tuple(index)] = logits_to_label_map(logits)
-    return masks, merged
+        if probabilities is not None:
+            if block is not None:
+                index[axis] = sample.index - block[0]
+            probabilities[(slice(None), *index)] = probabilities_from_logits(logits)
+    return _CasePrediction(masks, merged, probabilities)
+
+
+def _report_settings(recipe: Recipe, split: str, mode: str, jitter: float | None) -> dict:
+    """Settings listed at the top of report.md."""
+    settings = {"mode": mode, "split": split, "max_cases": recipe.evaluate.max_cases}
+    settings["nsd_tolerance_mm"] = recipe.evaluate.nsd_tolerance_mm
+    if jitter is not None:
+        settings["box_jitter_pixels"] = jitter
+    if mode == "automatic":
+        settings["probability_threshold"] = CHOSEN_THRESHOLD
+        settings["min_component_size_mm3"] = 0.0
+        settings["threshold_sweep"] = list(recipe.evaluate.threshold_sweep)
+        settings["min_size_sweep_mm3"] = list(recipe.evaluate.min_size_sweep_mm3)
+        settings["detection"] = recipe.evaluate.detection
+        settings["probability_storage"] = "float16, evaluated region only"
+    return settings
 
 
 def _class_metrics(
