@@ -20,6 +20,7 @@ from fmadapt.adapt.lora import LoraSettings, apply_lora
 from fmadapt.adapt.trained_file import load_trained_parameters, read_trained_config
 from fmadapt.config import Recipe, expand_path, load_recipe
 from fmadapt.errors import CheckpointError, FmadaptWarning, RecipeError
+from fmadapt.models.dinov3 import list_dinov3_models
 from fmadapt.models.segmenter import Segmenter
 
 logger = logging.getLogger(__name__)
@@ -29,15 +30,22 @@ SPLIT_FILE = "split.json"
 
 
 def build_model(recipe: Recipe) -> Segmenter:
-    """Build the recipe's Segmenter with its checkpoint, adapters and freezing preset.
+    """Build the recipe's Segmenter with its checkpoints, adapters and freezing preset.
 
-    Without ``model.checkpoint`` the encoder and decoder start from random weights, and
-    a FmadaptWarning is issued because such a model is only useful to test the pipeline.
+    ``model.checkpoint`` loads into the whole model (SAM family) or into the encoder
+    (``dinov3_*``, a Hugging Face folder or Meta ``.pth``). ``model.decoder_checkpoint``
+    then loads the prompt encoder and mask decoder from a SAM-format file. Without
+    ``model.checkpoint`` the encoder and decoder start from random weights, and a
+    FmadaptWarning is issued because such a model is only useful to test the pipeline.
+
+    Raises:
+        FileNotFoundError: a checkpoint path is set but does not exist. The message names
+            the path and the recipe key.
+        RecipeError: a LoRA target is not declared by the model's encoder.
     """
-    checkpoint = recipe.model.checkpoint
-    if checkpoint:
-        checkpoint = expand_path(checkpoint, "model.checkpoint")
-    else:
+    checkpoint = _checkpoint_path(recipe, "model.checkpoint", recipe.model.checkpoint)
+    decoder_checkpoint = _checkpoint_path(recipe, "model.decoder_checkpoint", recipe.model.decoder_checkpoint)
+    if checkpoint is None:
         warnings.warn(
             f"model.checkpoint is not set, so {recipe.model.name} starts from random weights; "
             "set model.checkpoint=checkpoints/<file>.pth to adapt a pretrained model",
@@ -52,11 +60,32 @@ def build_model(recipe: Recipe) -> Segmenter:
             recipe.model.name,
             image_size=recipe.model.image_size,
             checkpoint=checkpoint,
+            decoder_checkpoint=decoder_checkpoint,
             class_names=tuple(recipe.data.labels),
         )
         _apply_adaptation(model, recipe)
     apply_freezing(model, recipe.adaptation.preset)
     return model
+
+
+def _checkpoint_path(recipe: Recipe, key: str, value: str | None) -> str | None:
+    """Expand ``$VARIABLES`` in a checkpoint setting and check that the file or folder exists."""
+    if not value:
+        return None
+    path = expand_path(value, key)
+    if Path(path).exists():
+        return path
+    hint = "Place the file there or correct the path."
+    if recipe.model.name in list_dinov3_models() and key == "model.checkpoint":
+        hint = (
+            "To start from an encoder adapted by `fmadapt pretrain`, run the pretrain recipe first, for example "
+            "`fmadapt pretrain recipes/dinov3_ssl_ct.yaml --output runs/dinov3_ssl_ct`, and point the key at "
+            "the run's encoder folder. Published DINOv3 weights are a Hugging Face folder or a Meta .pth file."
+        )
+    raise FileNotFoundError(
+        f"{key} is {value!r}, but {Path(path).resolve()} was not found. {hint} "
+        f"To use another file, override the key: {key}=/path/to/checkpoint"
+    )
 
 
 def _apply_adaptation(model: Segmenter, recipe: Recipe) -> None:
@@ -81,12 +110,22 @@ def _apply_adaptation(model: Segmenter, recipe: Recipe) -> None:
 def _check_lora_targets(model: Segmenter, target_modules: list[str]) -> None:
     declared = model.encoder.lora_targets
     unknown = [name for name in target_modules if name not in declared]
-    if unknown:
-        raise RecipeError(
-            f"adaptation.lora.target_modules contains {unknown}, which the {model.spec.name} encoder does "
-            f"not declare; choose from {sorted(declared)}, for example "
-            f"adaptation.lora.target_modules=[{next(iter(declared))}]"
+    if not unknown:
+        return
+    if model.is_dinov3:
+        example = "[q, v]"
+        reason = (
+            "The default [qkv] is the SAM-family name; DINOv3 encoders have separate q, k and v "
+            "projections, so a dinov3_* recipe must set its own targets. "
         )
+    else:
+        example = "[qkv]"
+        reason = ""
+    raise RecipeError(
+        f"adaptation.lora.target_modules contains {unknown}, which the {model.spec.name} encoder does "
+        f"not declare. {reason}Choose from {sorted(declared)}, for example "
+        f"adaptation.lora.target_modules={example}"
+    )
 
 
 def base_fingerprint(model: torch.nn.Module) -> str:
