@@ -3,17 +3,58 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import torch
 
 from fmadapt.data.intensity import IntensitySpec, normalize_intensity
 from fmadapt.data.layout import to_hwc
+from fmadapt.errors import FmadaptWarning
+from fmadapt.inference.cache import EmbeddingCache, embedding_key
 from fmadapt.models.segmenter import Segmenter
 
-__all__ = ["Predictor", "select_best_mask"]
+__all__ = ["PRECISIONS", "Predictor", "bf16_is_native", "resolve_precision", "select_best_mask"]
 
 logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "auto")
+
+
+def bf16_is_native(device: torch.device) -> bool:
+    """Return whether ``device`` runs bfloat16 matrix multiplies natively.
+
+    CUDA: ``torch.cuda.is_bf16_supported()``. CPU: whether oneDNN has bf16 kernels for
+    this processor (AVX512-BF16 or AMX). Other devices return False.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Turn a ``PRECISIONS`` entry into "fp32" or "bf16" for ``device``.
+
+    "auto" gives "bf16" where ``bf16_is_native(device)`` and "fp32" elsewhere. "bf16" on a
+    device without native support still runs, with a FmadaptWarning, because emulated
+    bfloat16 is usually slower than fp32.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    native = bf16_is_native(device)
+    if precision == "auto":
+        return "bf16" if native else "fp32"
+    if precision == "bf16" and not native:
+        warnings.warn(
+            f"precision='bf16' on {device}, which has no native bfloat16 support, so the encoder may run "
+            "slower than in fp32; use precision='auto' to pick bf16 only where it is native",
+            FmadaptWarning,
+            stacklevel=3,
+        )
+    return precision
 
 
 def select_best_mask(masks: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -43,21 +84,39 @@ class Predictor:
 
     ``set_image`` runs the encoder once and caches the embedding, so each ``predict``
     call only runs the prompt encoder and mask decoder. Prompts are in pixels of the
-    original image: boxes XYXY, points XY.
+    original image: boxes XYXY, points XY. All P prompts of one call go through the
+    decoder together, and their P×K low-res logits are resized to H×W in one call.
 
     Args:
         model: the Segmenter; its ``transform`` prepares images and maps prompts.
         intensity: how raw values map to 0–255 before the model transform; default
             ``IntensitySpec()`` ("auto": uint8 unchanged, other dtypes by percentiles).
+        precision: "fp32", "bf16" (encoder under bfloat16 autocast) or "auto" (bf16
+            where ``bf16_is_native``). The embedding is cast back to float32, and the
+            decoder always runs in float32. Fused attention is a separate switch,
+            ``model.enable_fused_attention()``.
+        cache: an EmbeddingCache; ``set_image`` then reads the embedding from it when
+            the image, weights, preprocessing, intensity and precision match a stored one.
     """
 
-    def __init__(self, model: Segmenter, *, intensity: IntensitySpec | None = None) -> None:
+    def __init__(
+        self,
+        model: Segmenter,
+        *,
+        intensity: IntensitySpec | None = None,
+        precision: str = "fp32",
+        cache: EmbeddingCache | None = None,
+    ) -> None:
         if not isinstance(model, Segmenter):
             raise TypeError(f"model must be a Segmenter, got {type(model).__name__}")
         if intensity is not None and not isinstance(intensity, IntensitySpec):
             raise TypeError(f"intensity must be an IntensitySpec or None, got {type(intensity).__name__}")
+        if cache is not None and not isinstance(cache, EmbeddingCache):
+            raise TypeError(f"cache must be an EmbeddingCache or None, got {type(cache).__name__}")
         self.model = model
         self.intensity = intensity if intensity is not None else IntensitySpec()
+        self.precision = resolve_precision(precision, self.device)
+        self.cache = cache
         self._embedding: torch.Tensor | None = None
         self._original_size: tuple[int, int] | None = None
 
@@ -77,13 +136,29 @@ class Predictor:
         return next(self.model.parameters()).device
 
     def set_image(self, image: np.ndarray) -> None:
-        """Encode ``image`` (H×W, H×W×1, 1×H×W, H×W×3 or H×W×4) and cache its embedding."""
+        """Encode ``image`` (H×W, H×W×1, 1×H×W, H×W×3 or H×W×4) and keep its embedding.
+
+        With a ``cache``, a stored embedding for the same key is loaded instead of
+        running the encoder, and a newly computed one is stored.
+        """
         hwc = to_hwc(image)
+        if self.cache is None:
+            embedding = self._encode(hwc)
+        else:
+            key = embedding_key(np.asarray(image), self.model, intensity=self.intensity, precision=self.precision)
+            embedding = self.cache.get_or_compute(key, lambda: self._encode(hwc))
+        self._embedding = embedding.to(self.device)
+        self._original_size = (int(hwc.shape[0]), int(hwc.shape[1]))
+
+    def _encode(self, hwc: np.ndarray) -> torch.Tensor:
         scaled = normalize_intensity(hwc, self.intensity)
         model_input = self.model.transform.image_to_tensor(scaled).unsqueeze(0).to(self.device)
         with torch.inference_mode():
-            self._embedding = self.model.encode(model_input)
-        self._original_size = (int(hwc.shape[0]), int(hwc.shape[1]))
+            if self.precision == "bf16":
+                with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                    embedding = self.model.encode(model_input)
+                return embedding.float()
+            return self.model.encode(model_input)
 
     def reset_image(self) -> None:
         """Drop the cached embedding and image size."""

@@ -11,8 +11,10 @@ import torch
 import torch.nn as nn
 
 from fmadapt.data.transforms import ImageTransform, PreprocessSpec, resolve_preprocess
+from fmadapt.models.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
 from fmadapt.models.dinov3 import DinoV3Encoder, DinoV3Spec, list_dinov3_models
 from fmadapt.models.encoders import ImageEncoder, SamImageEncoder
+from fmadapt.models.fused_attention import disable_fused_attention, enable_fused_attention
 from fmadapt.models.heads import (
     DECODER_PREFIXES,
     PromptNeck,
@@ -356,6 +358,33 @@ class Segmenter(nn.Module):
         self.load_state_dict(decoder_state, strict=False)
         logger.info("loaded %d prompt encoder and mask decoder tensors from %s", len(decoder_state), path)
         return sorted(decoder_state)
+
+    def enable_fused_attention(self) -> int:
+        """Compute the encoder's attention with torch's ``scaled_dot_product_attention``, in place.
+
+        SAM family: each segment-anything ``Attention`` gets a forward that passes the
+        relative-position term as an attention mask (``fmadapt.models.fused_attention``).
+        DINOv3: the transformers backbone uses its "sdpa" attention. Parameters, hooks and
+        state-dict keys do not change. Returns the number of attention modules switched.
+        """
+        return enable_fused_attention(self.image_encoder)
+
+    def disable_fused_attention(self) -> int:
+        """Go back to the encoder's by-hand attention; returns the number of modules restored."""
+        return disable_fused_attention(self.image_encoder)
+
+    def enable_gradient_checkpointing(self) -> int:
+        """Recompute each encoder block's activations in the backward pass, in place.
+
+        Applies only in training mode with autograd on, and saves activation memory for
+        about one extra encoder forward per step (``fmadapt.models.checkpointing``).
+        Returns the number of blocks checkpointed.
+        """
+        return enable_gradient_checkpointing(self.image_encoder)
+
+    def disable_gradient_checkpointing(self) -> int:
+        """Run the encoder blocks without checkpointing again; returns the number of blocks."""
+        return disable_gradient_checkpointing(self.image_encoder)
 
     def _check_embedding(self, image_embedding: torch.Tensor) -> None:
         grid = self.embedding_size
