@@ -76,11 +76,20 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Registry model, encoder input size in pixels and optional local checkpoint file."""
+    """Registry model, encoder input size in pixels and optional local checkpoint files.
+
+    ``checkpoint`` is a SAM or MedSAM ``.pth`` for the SAM family, or for a ``dinov3_*``
+    model a Hugging Face folder or Meta ``.pth``, such as the ``encoder`` folder that
+    ``fmadapt pretrain`` writes. ``decoder_checkpoint`` is a SAM-format ``.pth`` whose
+    ``prompt_encoder.*`` and ``mask_decoder.*`` weights are loaded after ``checkpoint``, so
+    a DINOv3 model's decoder can start from SAM or MedSAM. Its prompt embedding size must
+    match the model's decoder.
+    """
 
     name: str = "sam_vit_b"
     image_size: int | None = None
     checkpoint: str | None = None
+    decoder_checkpoint: str | None = None
 
 
 @dataclass
@@ -121,6 +130,8 @@ class TrainConfig:
     ``scheduler`` is ``cosine`` or ``constant`` after ``warmup_steps`` optimizer steps of
     linear warm-up; ``max_grad_norm`` clips the gradient norm (null turns clipping off).
     ``mixed_precision`` is ``no``, ``bf16`` (CPU or GPU) or ``fp16`` (GPU, with a grad scaler).
+    ``gradient_checkpointing`` recomputes encoder block activations in the backward pass,
+    trading time for memory.
     """
 
     modes: list[str] = field(default_factory=lambda: list(TRAIN_MODES))
@@ -137,6 +148,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     scheduler: str = "cosine"
     warmup_steps: int = 0
+    gradient_checkpointing: bool = False
     mixed_precision: str = "no"
     max_validation_slices: int = 32
 
@@ -146,6 +158,9 @@ class EvaluateConfig:
     """Evaluation settings: NSD tolerance in mm (pixels for 2D images) and box jitter levels.
 
     ``max_cases`` evaluates only the first cases of the split (in split order), for quick looks.
+    Automatic evaluation also scores each probability cut-off of ``threshold_sweep`` (in
+    (0, 1]) and each minimum component size of ``min_size_sweep_mm3`` (mm³; pixels for 2D
+    images). ``detection: true`` adds lesion-level detection (FROC, per-lesion Dice).
     """
 
     nsd_tolerance_mm: float = 2.0
@@ -153,6 +168,9 @@ class EvaluateConfig:
     split: str = "test"
     write_predictions: bool = True
     max_cases: int | None = None
+    detection: bool = False
+    threshold_sweep: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    min_size_sweep_mm3: list[float] = field(default_factory=lambda: [10.0, 50.0, 100.0, 500.0])
 
 
 @dataclass
@@ -286,6 +304,14 @@ def validate_recipe(recipe: Recipe) -> None:
         raise RecipeError(f"recipe key 'evaluate.max_cases' must be at least 1 or null, got {recipe.evaluate.max_cases}")
     if recipe.evaluate.nsd_tolerance_mm < 0:
         raise RecipeError(f"recipe key 'evaluate.nsd_tolerance_mm' must be >= 0, got {recipe.evaluate.nsd_tolerance_mm}")
+    if any(not 0.0 < cut <= 1.0 for cut in recipe.evaluate.threshold_sweep):
+        raise RecipeError(
+            f"recipe key 'evaluate.threshold_sweep' must list probabilities in (0, 1], got {recipe.evaluate.threshold_sweep}"
+        )
+    if any(not 0.0 <= size < float("inf") for size in recipe.evaluate.min_size_sweep_mm3):
+        raise RecipeError(
+            f"recipe key 'evaluate.min_size_sweep_mm3' must list finite sizes >= 0 mm³, got {recipe.evaluate.min_size_sweep_mm3}"
+        )
 
 
 _ENV_PATTERN = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?")

@@ -215,6 +215,8 @@ def train(recipe: Recipe, output: str | Path | None = None, *, resume: bool = Fa
         logger.info("run folder %s; cases per split %s (listed in %s)", run_dir, counts, SPLIT_FILE)
 
     model = build_model(recipe)
+    if recipe.train.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     if accelerator.is_main_process:
         logger.info("parameters:\n%s", summarize_parameters(model))
     num_classes = len(label_ids)
