@@ -137,7 +137,7 @@ def write_case_overlays(folder: str | os.PathLike, rows: Sequence[Mapping], view
     for rank in RANKS:
         case_id = ranked[rank]
         view = views[case_id]
-        title = f"{rank} {case_id} (Dice {means[case_id]:.3f})"
+        title = f"{rank}: {case_id} (Dice {means[case_id]:.3f})"
         cases.append(OverlayCase(title, view.image, view.reference, view.prediction))
     return write_overlay_figure(Path(folder) / OVERLAY_FILENAME, cases)
 

@@ -200,6 +200,12 @@ def train(recipe: Recipe, output: str | Path | None = None, *, resume: bool = Fa
     The checkpoint folder is removed once the trained parameters are saved.
     """
     accelerator = make_accelerator(recipe)
+    if accelerator.num_processes > 1 and accelerator.is_main_process:
+        logger.info(
+            "%d processes: DDP unused-parameter detection is on, because trainable parameters such as "
+            "the unused mask tokens of single-mask decoding get no gradient in some steps",
+            accelerator.num_processes,
+        )
     set_seed(recipe.seed)
     root = resolve_data_root(recipe)
     run_dir = prepare_run_dir(recipe, output, resume)
