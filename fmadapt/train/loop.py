@@ -118,7 +118,7 @@ def validate(segmenter, samples: list[SliceSample], num_classes: int, modes: lis
 def prepare_run_dir(recipe: Recipe, output: str | Path | None, resume: bool) -> Path:
     """Return the run folder: ``output`` or ``<output_dir>/<name>``.
 
-    Raises when the folder holds a finished run, when it holds an unfinished one and
+    Raises when the folder contains a finished run, when it contains an unfinished one and
     ``resume`` is false, and when ``resume`` is true but there is nothing to resume.
     """
     run_dir = Path(output) if output else Path(recipe.output_dir) / recipe.name
@@ -162,7 +162,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe) -> torch.op
 
 
 def has_accelerator() -> bool:
-    """Return True when torch sees a GPU or another accelerator device."""
+    """Return True when torch finds an available GPU or another accelerator device."""
     # current_accelerator() names CUDA on a CUDA build even without a GPU, so ask for
     # availability instead.
     return bool(torch.accelerator.is_available())
@@ -252,7 +252,7 @@ def train(recipe: Recipe, output: str | Path | None = None, *, resume: bool = Fa
     start_epoch, history = load_training_state(accelerator, run_dir) if resume else (0, [])
     for epoch in range(start_epoch, recipe.train.epochs):
         # Seeding by epoch makes the data order and augmentation of an epoch independent of
-        # how the run got there, so a resumed run sees the same batches.
+        # how the run got there, so a resumed run trains on the same batches.
         generator.manual_seed(recipe.seed + epoch)
         dataset.reseed(recipe.seed, accelerator.process_index, epoch)
         record = _train_epoch(accelerator, objective, optimizer, scheduler, loader, epoch, recipe)
