@@ -1,4 +1,4 @@
-"""The ``fmadapt`` command: train, pretrain, evaluate, quickstart, models, checkpoints."""
+"""The ``fmadapt`` command: train, pretrain, evaluate, evaluate-folder, compare, quickstart, models, checkpoints."""
 
 from __future__ import annotations
 
@@ -198,7 +198,9 @@ def _add_compare_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fmadapt", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="fmadapt", description="Adapt SAM, MedSAM and DINOv3 models to medical image segmentation."
+    )
     parser.add_argument("--version", action="version", version=f"fmadapt {__version__}")
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
     commands = parser.add_subparsers(dest="command", required=True)
