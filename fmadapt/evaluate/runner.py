@@ -17,16 +17,26 @@ and writes the sweeps of :mod:`fmadapt.evaluate.sweeps`: ``threshold_sweep.csv``
 ``evaluate.detection: true`` also ``detection.json`` and ``froc.png``. The folder is built
 under a temporary name and renamed when complete, so a failed evaluation leaves no partial
 report.
+
+Under several processes (``accelerate launch`` or ``torchrun``), process r of R predicts and
+scores cases r, r + R, r + 2R, ... and writes their prediction files. The main process gathers
+the results in case order, one round of R cases at a time, and writes every other file. It also
+runs the sweeps of automatic mode on the gathered probabilities, so that work is not split. With
+box jitter, each process draws the random shifts of the other processes' cases too, so every
+case gets the same boxes, and the output the same rows, as in one process.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from fmadapt.config import Recipe, resolve_data_root
@@ -35,7 +45,7 @@ from fmadapt.data.io import write_segmentation
 from fmadapt.data.prompts import box_from_mask, jitter_box
 from fmadapt.errors import RecipeError
 from fmadapt.evaluate.metrics import compute_case_metrics
-from fmadapt.evaluate.report import cut_overlay_case, write_case_overlays, write_report
+from fmadapt.evaluate.report import OverlayCase, cut_overlay_case, write_case_overlays, write_report
 from fmadapt.evaluate.results import MetricTable
 from fmadapt.evaluate.sweeps import CHOSEN_THRESHOLD, ProbabilitySweeps, probabilities_from_logits
 from fmadapt.inference.label_maps import (
@@ -73,6 +83,75 @@ class _CasePrediction:
     probabilities: np.ndarray | None
 
 
+@dataclass
+class _CaseResult:
+    """Results of one scored case that the main process collects: metric rows with extra
+    columns, the overlay view and, in automatic mode, the C×(region shape) float16
+    probabilities with the region's reference label map and spacing (mm) for the sweeps."""
+
+    case_id: str
+    rows: list[dict]
+    extra: dict
+    view: OverlayCase
+    probabilities: np.ndarray | None
+    reference: np.ndarray | None
+    spacing: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class _ProcessGroup:
+    """Rank and size of the torch.distributed group that shares an evaluation, or (0, 1) for one process."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def gather_to_main(self, value: object) -> list:
+        """Return the value of every rank, in rank order, on the main process, and [] on the others."""
+        if self.world_size == 1:
+            return [value]
+        gathered = [None] * self.world_size if self.is_main else None
+        dist.gather_object(value, gathered, dst=0)
+        return gathered if self.is_main else []
+
+    def broadcast_from_main(self, value: object) -> object:
+        """Return the main process's value on every rank."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def _join_process_group() -> _ProcessGroup:
+    """Return the group of the processes that a launcher started, or the one-process group.
+
+    A group that is already set up is used as it is. Otherwise, when ``torchrun`` or
+    ``accelerate launch`` set WORLD_SIZE above 1, this joins the launched processes over gloo,
+    because only pickled CPU objects travel between them. The group stays open for later
+    evaluations in the process and is destroyed at exit, since gloo can abort a process that
+    exits with its group open.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return _ProcessGroup()
+        dist.init_process_group("gloo")
+        atexit.register(_leave_process_group)
+    return _ProcessGroup(dist.get_rank(), dist.get_world_size())
+
+
+def _leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def evaluate_run(
     run_dir: str | Path,
     mode: str,
@@ -86,6 +165,9 @@ def evaluate_run(
     The modes ``clicks``, ``iterative`` and ``propagate3d`` run
     :func:`fmadapt.evaluate.protocols.run_protocol` with ``protocol`` (a ProtocolSettings,
     None for its defaults).
+
+    Under several processes the prompted and automatic modes split the cases over them and
+    return the same results on every rank. The protocol modes run whole on each process.
     """
     # Imported here because the protocols module imports EvaluationResult from this one.
     from fmadapt.evaluate.protocols import PROTOCOL_MODES, run_protocol
@@ -110,11 +192,12 @@ def evaluate_run(
     jitters = [float(j) for j in recipe.evaluate.box_jitter] if mode == "prompted" else [None]
     case_ids = plan.cases[split][: recipe.evaluate.max_cases]
     cases = [load_normalised_case(info, case_id, recipe, label_ids) for case_id in case_ids]
+    group = _join_process_group()
     results = []
     for jitter in jitters:
         name = f"eval_{split}_{mode}" + ("" if jitter is None else f"_jitter{jitter:g}")
         folder = run_dir / name
-        summary = _evaluate_cases(model, recipe, plan, cases, split, mode, jitter, dataset_ids, folder)
+        summary = _evaluate_cases(model, recipe, plan, cases, split, mode, jitter, dataset_ids, folder, group)
         results.append(EvaluationResult(folder, mode, jitter, summary))
         logger.info("%s: mean Dice %s over %d cases", name, _mean_dice(summary), summary["n_cases"])
     return results
@@ -130,51 +213,108 @@ def _evaluate_cases(
     jitter: float | None,
     dataset_ids: dict[str, int],
     folder: Path,
+    group: _ProcessGroup,
 ) -> dict:
+    """Score this process's share of ``cases``. The main process writes ``folder``, and every
+    process returns the summary.
+
+    NOTE: when one process fails, the others wait in the next gather until the launcher stops
+    them, and the ``.partial`` folder stays behind unless the main process was the one that failed.
+    """
     partial = folder.with_name(folder.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    (partial / "predictions").mkdir(parents=True)
+    if group.is_main:
+        if partial.exists():
+            shutil.rmtree(partial)
+        (partial / "predictions").mkdir(parents=True)
+    group.barrier()
 
     table = MetricTable()
     recipe_ids = {name: index + 1 for index, name in enumerate(dataset_ids)}
     rng = np.random.default_rng(recipe.seed)
-    axis = recipe.data.axis
     sweeps = _automatic_sweeps(recipe, list(recipe_ids)) if mode == "automatic" else None
     views = {}
     try:
-        for case in tqdm(cases, desc=f"{mode} {split}", leave=False):
-            slices, block = split_slices_for_evaluation(case, plan, split, axis)
-            region = _evaluated_region(case.label.ndim, axis, block)
-            prediction = _predict_case(model, case, slices, axis, block, mode, jitter, len(recipe_ids), rng)
+        rounds = range(0, len(cases), group.world_size)
+        for first in tqdm(rounds, desc=f"{mode} {split}", leave=False, disable=not group.is_main):
+            result = None
+            for index in range(first, min(first + group.world_size, len(cases))):
+                if index == first + group.rank:
+                    result = _score_case(model, recipe, plan, cases[index], split, mode, jitter, dataset_ids, rng, partial)
+                elif mode == "prompted" and jitter:
+                    _draw_case_jitter(cases[index], plan, split, recipe.data.axis, jitter, len(recipe_ids), rng)
+            # Rank order within a round is case order, so the rows keep the order of one process.
+            for gathered in group.gather_to_main(result):
+                if gathered is None:
+                    continue
+                table.add_case(gathered.case_id, gathered.rows, **gathered.extra)
+                if sweeps is not None:
+                    sweeps.add_case(gathered.case_id, gathered.probabilities, gathered.reference, gathered.spacing)
+                views[gathered.case_id] = gathered.view
 
-            rows = _class_metrics(prediction.masks, case.label, region, case.label_source.spacing, recipe_ids, recipe)
-            extra = {"mode": mode, "jitter": jitter if jitter is not None else ""}
-            if block is not None:
-                extra["slices"] = f"{block[0]}-{block[1] - 1}"
-            table.add_case(case.case_id, rows, **extra)
+        if group.is_main:
+            table.write(partial)
             if sweeps is not None:
-                sweeps.add_case(case.case_id, prediction.probabilities, case.label[region], case.label_source.spacing)
-
-            views[case.case_id] = cut_overlay_case(
-                case.case_id, case.image[region], case.label[region], prediction.labels[region], axis
-            )
-            if recipe.evaluate.write_predictions:
-                labels = _to_dataset_ids(prediction.labels, list(dataset_ids.values()))
-                write_segmentation(partial / "predictions" / f"{case.case_id}.nii.gz", labels, case.label_source)
-
-        table.write(partial)
-        if sweeps is not None:
-            sweeps.write(partial)
-        write_case_overlays(partial, table.rows, views)
-        write_report(partial, _report_settings(recipe, split, mode, jitter))
+                sweeps.write(partial)
+            write_case_overlays(partial, table.rows, views)
+            write_report(partial, _report_settings(recipe, split, mode, jitter))
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        if group.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
         raise
-    if folder.exists():
-        shutil.rmtree(folder)
-    partial.rename(folder)
-    return table.summary()
+    if group.is_main:
+        if folder.exists():
+            shutil.rmtree(folder)
+        partial.rename(folder)
+    # The broadcast also keeps the other processes waiting until the folder is in place.
+    return group.broadcast_from_main(table.summary() if group.is_main else None)
+
+
+def _score_case(
+    model,
+    recipe: Recipe,
+    plan: SplitPlan,
+    case: LoadedCase,
+    split: str,
+    mode: str,
+    jitter: float | None,
+    dataset_ids: dict[str, int],
+    rng: np.random.Generator,
+    partial: Path,
+) -> _CaseResult:
+    """Predict and score one case, and write its prediction file into ``partial/predictions``."""
+    recipe_ids = {name: index + 1 for index, name in enumerate(dataset_ids)}
+    axis = recipe.data.axis
+    slices, block = split_slices_for_evaluation(case, plan, split, axis)
+    region = _evaluated_region(case.label.ndim, axis, block)
+    prediction = _predict_case(model, case, slices, axis, block, mode, jitter, len(recipe_ids), rng)
+
+    spacing = case.label_source.spacing
+    rows = _class_metrics(prediction.masks, case.label, region, spacing, recipe_ids, recipe)
+    extra = {"mode": mode, "jitter": jitter if jitter is not None else ""}
+    if block is not None:
+        extra["slices"] = f"{block[0]}-{block[1] - 1}"
+    view = cut_overlay_case(case.case_id, case.image[region], case.label[region], prediction.labels[region], axis)
+    if recipe.evaluate.write_predictions:
+        labels = _to_dataset_ids(prediction.labels, list(dataset_ids.values()))
+        write_segmentation(partial / "predictions" / f"{case.case_id}.nii.gz", labels, case.label_source)
+
+    reference = case.label[region] if prediction.probabilities is not None else None
+    return _CaseResult(case.case_id, rows, extra, view, prediction.probabilities, reference, spacing)
+
+
+def _draw_case_jitter(
+    case: LoadedCase,
+    plan: SplitPlan,
+    split: str,
+    axis: int | None,
+    jitter: float,
+    num_classes: int,
+    rng: np.random.Generator,
+) -> None:
+    """Draw, and drop, the box shifts that predicting ``case`` takes from ``rng``."""
+    slices, _ = split_slices_for_evaluation(case, plan, split, axis)
+    for sample in slices:
+        _prompt_boxes(sample.label, num_classes, jitter, rng)
 
 
 def _automatic_sweeps(recipe: Recipe, class_names: list[str]) -> ProbabilitySweeps:
@@ -219,14 +359,7 @@ def _predict_case(
         if mode == "automatic":
             logits = class_logits_automatic(model, embedding, size)
         else:
-            boxes = {}
-            for c in range(1, num_classes + 1):
-                box = box_from_mask(sample.label == c)
-                if box is None:
-                    continue
-                if jitter:
-                    box = jitter_box(box, size, max_shift=jitter, rng=rng)
-                boxes[c] = box
+            boxes = _prompt_boxes(sample.label, num_classes, jitter, rng)
             logits = class_logits_from_boxes(model, embedding, boxes, size, num_classes)
         index = [slice(None)] * case.label.ndim
         if axis is not None:
@@ -238,6 +371,22 @@ def _predict_case(
                 index[axis] = sample.index - block[0]
             probabilities[(slice(None), *index)] = probabilities_from_logits(logits)
     return _CasePrediction(masks, merged, probabilities)
+
+
+def _prompt_boxes(
+    label: np.ndarray, num_classes: int, jitter: float | None, rng: np.random.Generator
+) -> dict[int, np.ndarray]:
+    """Return the XYXY box of each class 1..C present in the H×W ``label``, jittered by up to ``jitter`` pixels."""
+    size = label.shape[:2]
+    boxes = {}
+    for c in range(1, num_classes + 1):
+        box = box_from_mask(label == c)
+        if box is None:
+            continue
+        if jitter:
+            box = jitter_box(box, size, max_shift=jitter, rng=rng)
+        boxes[c] = box
+    return boxes
 
 
 def _report_settings(recipe: Recipe, split: str, mode: str, jitter: float | None) -> dict:
