@@ -68,6 +68,12 @@ def build_model(recipe: Recipe) -> Segmenter:
     return model
 
 
+def check_checkpoint_paths(recipe: Recipe) -> None:
+    """Raise FileNotFoundError at once when a checkpoint setting names a missing file."""
+    _checkpoint_path(recipe, "model.checkpoint", recipe.model.checkpoint)
+    _checkpoint_path(recipe, "model.decoder_checkpoint", recipe.model.decoder_checkpoint)
+
+
 def _checkpoint_path(recipe: Recipe, key: str, value: str | None) -> str | None:
     """Expand ``$VARIABLES`` in a checkpoint setting and check that the file or folder exists."""
     if not value:

@@ -44,3 +44,14 @@ def test_evaluate_rejects_training_overrides(tmp_path, caplog):
     code = cli.main(["evaluate", str(tmp_path), "--mode", "automatic", "train.epochs=3"])
     assert code == 2
     assert "only evaluate.* keys" in caplog.text
+
+
+def test_missing_checkpoint_fails_before_run_folder(data_root, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("FMADAPT_DATA", str(data_root))
+    recipe = REPO_ROOT / "recipes" / "kvasir_polyp_5shot_lora.yaml"
+    missing = tmp_path / "absent.pth"
+    code = cli.main(["train", str(recipe), "--output", str(tmp_path / "run"), f"model.checkpoint={missing}"])
+    assert code == 2
+    assert "model.checkpoint" in caplog.text
+    assert str(missing) in caplog.text
+    assert not (tmp_path / "run").exists()

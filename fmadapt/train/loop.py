@@ -31,7 +31,7 @@ from fmadapt.inference.label_maps import class_logits_automatic, class_logits_fr
 from fmadapt.data.prompts import box_from_mask
 from fmadapt.data.slices import foreground_slices
 from fmadapt.errors import DataError, RecipeError
-from fmadapt.runs import RECIPE_FILE, SPLIT_FILE, base_fingerprint, build_model
+from fmadapt.runs import RECIPE_FILE, SPLIT_FILE, base_fingerprint, build_model, check_checkpoint_paths
 from fmadapt.train.augment import AugmentSettings
 from fmadapt.train.checkpointing import (
     find_checkpoint,
@@ -208,6 +208,8 @@ def train(recipe: Recipe, output: str | Path | None = None, *, resume: bool = Fa
         )
     set_seed(recipe.seed)
     root = resolve_data_root(recipe)
+    # Checked before the run folder is written, so a wrong path leaves nothing behind.
+    check_checkpoint_paths(recipe)
     run_dir = prepare_run_dir(recipe, output, resume)
 
     info = read_dataset(root)
