@@ -273,6 +273,13 @@ def validate_recipe(recipe: Recipe) -> None:
         raise RecipeError("recipe key 'train.modes' is empty; list 'prompted', 'automatic' or both")
     if not recipe.data.labels:
         raise RecipeError("recipe key 'data.labels' is empty; name at least one class to segment")
+
+    _validate_train(recipe)
+    _validate_split(recipe)
+    _validate_evaluate(recipe)
+
+
+def _validate_train(recipe: Recipe) -> None:
     positive = {
         "train.epochs": recipe.train.epochs,
         "train.steps_per_epoch": recipe.train.steps_per_epoch,
@@ -289,17 +296,28 @@ def validate_recipe(recipe: Recipe) -> None:
         raise RecipeError(f"recipe key 'train.max_grad_norm' must be > 0 or null, got {recipe.train.max_grad_norm}")
     if recipe.train.learning_rate <= 0:
         raise RecipeError(f"recipe key 'train.learning_rate' must be > 0, got {recipe.train.learning_rate}")
+
     low, high = recipe.train.crop_scale
     if not 0.0 < low <= high <= 1.0:
         raise RecipeError(f"recipe key 'train.crop_scale' must satisfy 0 < low <= high <= 1, got {recipe.train.crop_scale}")
     if recipe.train.box_jitter < 0 or any(j < 0 for j in recipe.evaluate.box_jitter):
-        raise RecipeError("box jitter values must be >= 0 pixels")
-    if recipe.data.split.mode == "slices":
-        if recipe.data.axis is None:
-            raise RecipeError("recipe key 'data.axis' must be set (0, 1 or 2) when data.split.mode is 'slices'")
-        fractions = recipe.data.split.slice_fractions
-        if any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-            raise RecipeError(f"recipe key 'data.split.slice_fractions' must be >= 0 and sum to 1, got {fractions}")
+        raise RecipeError(
+            "recipe keys 'train.box_jitter' and 'evaluate.box_jitter' must be >= 0 pixels, got "
+            f"{recipe.train.box_jitter} and {recipe.evaluate.box_jitter}"
+        )
+
+
+def _validate_split(recipe: Recipe) -> None:
+    if recipe.data.split.mode != "slices":
+        return
+    if recipe.data.axis is None:
+        raise RecipeError("recipe key 'data.axis' must be set (0, 1 or 2) when data.split.mode is 'slices'")
+    fractions = recipe.data.split.slice_fractions
+    if any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise RecipeError(f"recipe key 'data.split.slice_fractions' must be >= 0 and sum to 1, got {fractions}")
+
+
+def _validate_evaluate(recipe: Recipe) -> None:
     if recipe.evaluate.max_cases is not None and recipe.evaluate.max_cases < 1:
         raise RecipeError(f"recipe key 'evaluate.max_cases' must be at least 1 or null, got {recipe.evaluate.max_cases}")
     if recipe.evaluate.nsd_tolerance_mm < 0:

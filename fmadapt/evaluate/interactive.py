@@ -9,7 +9,7 @@ The budget of N interactions therefore allows N - 1 correction clicks.
 Dice is recorded after every interaction. When a prediction equals the reference there is
 nothing left to correct, so the protocol stops and the remaining interactions keep the last
 Dice and mask, as a user who is done would. The area under the Dice curve treats the curve
-as a step function over [0, N] that holds each Dice for one interaction. Divided by N, that
+as a step function over [0, N] that keeps each Dice for one interaction. Divided by N, that
 area is the mean Dice over the N interactions and lies in [0, 1].
 
 The protocol takes any prompt function, so it runs on a Predictor

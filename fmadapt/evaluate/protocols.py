@@ -16,7 +16,7 @@
     key, first and last predicted slice and the prompts used per case and class.
 
 Box prompts (``iterative`` with ``start="box"`` and ``propagate3d``) are evaluated once per
-box noise level in ``box_jitter``: each box coordinate moves by a uniform random shift of up
+box noise level in ``box_jitter``. Each box coordinate moves by a uniform random shift of up
 to the level, in pixels (``jitter_unit="pixels"``) or as a fraction of the box's width for x
 and height for y (``jitter_unit="fraction"``). Each level restarts the random generator from
 the seed, so levels differ only in their noise.

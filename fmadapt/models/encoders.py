@@ -2,8 +2,8 @@
 
 An ``ImageEncoder`` maps B×3×H×W model inputs to a dense B×E×h×w feature map, with
 h = H // ``patch_size`` and w = W // ``patch_size``. It also declares where
-parameter-efficient layers go: ``blocks`` is the list of transformer blocks,
-``blocks_path`` is where that list sits inside the encoder, ``lora_targets`` maps short
+parameter-efficient layers go. ``blocks`` is the list of transformer blocks and
+``blocks_path`` is where that list sits inside the encoder. ``lora_targets`` maps short
 names to Linear layers inside one block, and ``adapter_targets`` names the modules that
 bottleneck adapters hook. Code that adds LoRA or adapters reads these declarations
 instead of guessing module names.

@@ -158,7 +158,7 @@ def read_decoder_state(
 ) -> dict[str, torch.Tensor]:
     """Read the ``prompt_encoder.*`` and ``mask_decoder.*`` tensors of a SAM-format file.
 
-    ``model_state`` holds the model's tensors under those prefixes, and every one of them
+    ``model_state`` contains the model's tensors under those prefixes, and every one of them
     must be in the file with the same shape. Other keys of the file are skipped.
 
     Raises:

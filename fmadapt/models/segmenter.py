@@ -399,10 +399,10 @@ class Segmenter(nn.Module):
 
 
 def _reject_dinov3_options(spec: ModelSpec, **options: object) -> None:
-    given = sorted(name for name, value in options.items() if value is not None)
-    if given:
+    set_options = sorted(name for name, value in options.items() if value is not None)
+    if set_options:
         raise ValueError(
-            f"{given} apply only to DINOv3 models, but {spec.name!r} is a {spec.family} model; leave them unset"
+            f"{set_options} apply only to DINOv3 models, but {spec.name!r} is a {spec.family} model; leave them unset"
         )
 
 

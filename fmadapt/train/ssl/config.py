@@ -1,9 +1,9 @@
 """Recipe schema of ``fmadapt pretrain``: self-supervised adaptation of a DINOv3 encoder.
 
 A pretrain recipe names unlabelled image sources (dataset folders), the encoder and its
-starting checkpoint, how the encoder is adapted (LoRA or full training), the multi-crop
-and masking settings, the projection heads, the DINO and iBOT objective, the teacher's
-EMA schedule, the optimisation settings and the collapse monitor. It is loaded with the
+starting checkpoint, and how the encoder is adapted (LoRA or full training). It also sets
+the multi-crop and masking settings, the projection heads and the DINO and iBOT objective.
+Finally it gives the teacher's EMA schedule, the optimisation settings and the collapse monitor. It is loaded with the
 strict YAML rules and dotted overrides of ``fmadapt.config``.
 """
 
@@ -175,7 +175,7 @@ class CollapseConfig:
 
 @dataclass
 class ExportConfig:
-    """Which network's encoder becomes the exported checkpoint: ``teacher`` (usual for DINO) or ``student``."""
+    """Source network of the exported encoder checkpoint: ``teacher`` (usual for DINO) or ``student``."""
 
     encoder: str = "teacher"
 
