@@ -35,7 +35,6 @@ def save_training_state(accelerator: Accelerator, run_dir: Path, epochs_done: in
     """Save the state after ``epochs_done`` epochs; every process must call this."""
     partial = run_dir / (CHECKPOINT_DIR + ".partial")
     final = run_dir / CHECKPOINT_DIR
-    old = run_dir / (CHECKPOINT_DIR + ".old")
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
@@ -44,16 +43,32 @@ def save_training_state(accelerator: Accelerator, run_dir: Path, epochs_done: in
     if accelerator.is_main_process:
         # progress.json is written last: a folder without it is incomplete.
         (partial / PROGRESS_FILE).write_text(json.dumps({"epochs_done": epochs_done, "history": history}, indent=2))
-        if old.exists():
-            shutil.rmtree(old)
-        if final.exists():
-            final.rename(old)
-        partial.rename(final)
-        if old.exists():
-            shutil.rmtree(old)
+        replace_checkpoint(run_dir)
         logger.info("saved training state after epoch %d to %s", epochs_done, final)
     accelerator.wait_for_everyone()
     return final
+
+
+def replace_checkpoint(run_dir: Path) -> None:
+    """Swap the complete ``checkpoint.partial`` in as ``checkpoint`` and delete the one it replaces.
+
+    ``checkpoint.old`` is deleted only while ``checkpoint`` exists, because after a kill
+    between the two renames and a resume from it, ``checkpoint.old`` is the only complete one.
+    """
+    partial = run_dir / (CHECKPOINT_DIR + ".partial")
+    final = run_dir / CHECKPOINT_DIR
+    old = run_dir / (CHECKPOINT_DIR + ".old")
+    if final.exists():
+        _remove_checkpoint(old)
+        final.rename(old)
+    partial.rename(final)
+    _remove_checkpoint(old)
+
+
+def _remove_checkpoint(folder: Path) -> None:
+    # The progress file goes first, so a folder that is only partly deleted never looks complete.
+    (folder / PROGRESS_FILE).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def load_training_state(accelerator: Accelerator, run_dir: Path) -> tuple[int, list[dict]]:
@@ -72,4 +87,4 @@ def load_training_state(accelerator: Accelerator, run_dir: Path) -> tuple[int, l
 def remove_training_state(run_dir: Path) -> None:
     """Delete the checkpoint folders once the trained parameters are saved."""
     for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old", CHECKPOINT_DIR + ".partial"):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
+        _remove_checkpoint(run_dir / name)
