@@ -1,24 +1,21 @@
 """`fmadapt evaluate` split over two CPU processes against the same evaluation in one process."""
 
-import csv
-import math
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from fmadapt.config import load_recipe
 from fmadapt.evaluate.runner import evaluate_run
 from fmadapt.train.loop import train
+from fmadapt.train.splits import SplitPlan
 
 from conftest import REPO_ROOT, require_dataset
+from sharded_evaluation_worker import INJECTED_MESSAGE
+from sharded_runs import assert_same_rows, launch_worker, read_rows, start_worker_processes
 
 pytestmark = pytest.mark.filterwarnings("ignore:model.checkpoint is not set")
 
 RECIPE = REPO_ROOT / "recipes" / "kvasir_polyp_5shot_lora.yaml"
-WORKER = REPO_ROOT / "tests" / "sharded_evaluation_worker.py"
 TINY = [
     "model.name=sam_vit_tiny",
     "model.image_size=128",
@@ -33,7 +30,6 @@ MODES = ("automatic", "prompted")
 # The recipe's box jitter [0, 10] gives two prompted folders. Jitter 10 checks that every
 # process draws the same random box shifts for a case as one process does.
 FOLDERS = ("eval_test_automatic", "eval_test_prompted_jitter0", "eval_test_prompted_jitter10")
-METRIC_COLUMNS = ("dice", "iou", "nsd", "hd95", "tp", "fp", "fn", "tn", "n_pred", "n_ref")
 
 
 @pytest.fixture
@@ -48,44 +44,13 @@ def copy_run(run_dir, target):
     return target
 
 
-def evaluate_in_two_processes(run_dir, data_root):
-    # One launch for both modes, because starting two processes takes most of the test's time.
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(WORKER), str(run_dir), ",".join(MODES), MAX_CASES,
-    ]
-    environment = dict(os.environ, FMADAPT_DATA=str(data_root), OMP_NUM_THREADS="1")
-    completed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-
-
-def read_rows(path):
-    with path.open() as handle:
-        return list(csv.DictReader(handle))
-
-
-def assert_same_rows(sharded_rows, single_rows):
-    assert [row["case"] for row in sharded_rows] == [row["case"] for row in single_rows]
-    for sharded, single in zip(sharded_rows, single_rows):
-        for column in single:
-            if column in METRIC_COLUMNS:
-                expected, actual = float(single[column]), float(sharded[column])
-                if math.isnan(expected):
-                    assert math.isnan(actual), (sharded["case"], column)
-                else:
-                    assert actual == pytest.approx(expected, abs=1e-6, rel=0), (sharded["case"], column)
-            else:
-                assert sharded[column] == single[column], (sharded["case"], column)
-
-
 def test_two_processes_match_one_process(trained_run, data_root, tmp_path):
     single_run = copy_run(trained_run, tmp_path / "single")
     sharded_run = copy_run(trained_run, tmp_path / "sharded")
     for mode in MODES:
         evaluate_run(single_run, mode, overrides=[MAX_CASES])
-    evaluate_in_two_processes(sharded_run, data_root)
+    # One launch for both modes, because starting two processes takes most of the test's time.
+    launch_worker([sharded_run, ",".join(MODES), MAX_CASES], data_root)
 
     for name in FOLDERS:
         single_rows = read_rows(single_run / name / "per_case.csv")
@@ -104,3 +69,17 @@ def test_two_processes_match_one_process(trained_run, data_root, tmp_path):
     single_sweep = (single_run / "eval_test_automatic" / "threshold_sweep.csv").read_text()
     assert sharded_sweep == single_sweep
     assert not list(sharded_run.glob("*.partial"))
+
+
+def test_failing_main_process_stops_both(trained_run, data_root, tmp_path):
+    run = copy_run(trained_run, tmp_path / "failing")
+    case = SplitPlan.load(run / "split.json").cases["test"][2]  # rank 0 scores cases 0, 2 and 4
+    environment = {"FMADAPT_TEST_FAIL_CASE": case, "FMADAPT_TEST_FAIL_RANK": "0"}
+    outcomes = start_worker_processes([run, "automatic", MAX_CASES], data_root, environment, tmp_path)
+
+    for rank, outcome in enumerate(outcomes):
+        assert outcome.returncode != 0, f"process {rank} exited with 0"
+        assert "ShardedEvaluationError" in outcome.stderr, outcome.stderr[-3000:]
+        assert f"process 0 of 2 failed on case {case}: RuntimeError: {INJECTED_MESSAGE}" in outcome.stderr
+    assert not list(run.glob("*.partial"))
+    assert not list(run.glob("eval_*"))

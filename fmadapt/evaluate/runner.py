@@ -19,25 +19,24 @@ under a temporary name and renamed when complete, so a failed evaluation leaves 
 report.
 
 Under several processes (``accelerate launch`` or ``torchrun``), process r of R predicts and
-scores cases r, r + R, r + 2R, ... and writes their prediction files. The main process gathers
-the results in case order, one round of R cases at a time, and writes every other file. It also
-runs the sweeps of automatic mode on the gathered probabilities, so that work is not split. With
-box jitter, each process draws the random shifts of the other processes' cases too, so every
-case gets the same boxes, and the output the same rows, as in one process.
+scores cases r, r + R, r + 2R, ... on its own device (:func:`fmadapt.evaluate.sharding.evaluation_device`)
+and writes their prediction files. The main process gathers the results in case order, one
+round of R cases at a time (:mod:`fmadapt.evaluate.sharding`), and writes every other file. It
+also runs the sweeps of automatic mode on the gathered probabilities, so that work is not split.
+With box jitter, each process draws the random shifts of the other processes' cases too, so
+every case gets the same boxes, and the output the same rows, as in one process. When a process
+fails on a case, every process raises ShardedEvaluationError at the end of that round, and the
+main process removes the partial folder.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from fmadapt.config import Recipe, resolve_data_root
 from fmadapt.data.datasets import read_dataset
@@ -47,6 +46,7 @@ from fmadapt.errors import RecipeError
 from fmadapt.evaluate.metrics import compute_case_metrics
 from fmadapt.evaluate.report import OverlayCase, cut_overlay_case, write_case_overlays, write_report
 from fmadapt.evaluate.results import MetricTable
+from fmadapt.evaluate.sharding import ProcessGroup, evaluation_device, gather_cases, join_process_group, run_on_main
 from fmadapt.evaluate.sweeps import CHOSEN_THRESHOLD, ProbabilitySweeps, probabilities_from_logits
 from fmadapt.inference.label_maps import (
     class_logits_automatic,
@@ -98,60 +98,6 @@ class _CaseResult:
     spacing: tuple[float, ...]
 
 
-@dataclass(frozen=True)
-class _ProcessGroup:
-    """Rank and size of the torch.distributed group that shares an evaluation, or (0, 1) for one process."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def gather_to_main(self, value: object) -> list:
-        """Return the value of every rank, in rank order, on the main process, and [] on the others."""
-        if self.world_size == 1:
-            return [value]
-        gathered = [None] * self.world_size if self.is_main else None
-        dist.gather_object(value, gathered, dst=0)
-        return gathered if self.is_main else []
-
-    def broadcast_from_main(self, value: object) -> object:
-        """Return the main process's value on every rank."""
-        if self.world_size == 1:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-
-def _join_process_group() -> _ProcessGroup:
-    """Return the group of the processes that a launcher started, or the one-process group.
-
-    A group that is already set up is used as it is. Otherwise, when ``torchrun`` or
-    ``accelerate launch`` set WORLD_SIZE above 1, this joins the launched processes over gloo,
-    because only pickled CPU objects travel between them. The group stays open for later
-    evaluations in the process and is destroyed at exit, since gloo can abort a process that
-    exits with its group open.
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return _ProcessGroup()
-        dist.init_process_group("gloo")
-        atexit.register(_leave_process_group)
-    return _ProcessGroup(dist.get_rank(), dist.get_world_size())
-
-
-def _leave_process_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def evaluate_run(
     run_dir: str | Path,
     mode: str,
@@ -166,8 +112,8 @@ def evaluate_run(
     :func:`fmadapt.evaluate.protocols.run_protocol` with ``protocol`` (a ProtocolSettings,
     None for its defaults).
 
-    Under several processes the prompted and automatic modes split the cases over them and
-    return the same results on every rank. The protocol modes run whole on each process.
+    Under several processes every mode splits the cases over them, evaluates on each process's
+    device and returns the same results on every rank.
     """
     # Imported here because the protocols module imports EvaluationResult from this one.
     from fmadapt.evaluate.protocols import PROTOCOL_MODES, run_protocol
@@ -179,6 +125,7 @@ def evaluate_run(
         raise ValueError(f"mode {mode!r} is invalid; choose one of {choices}")
     run_dir = Path(run_dir)
     recipe, model = load_run(run_dir, overrides)
+    model.to(evaluation_device())
     split = split or recipe.evaluate.split
     if split not in SPLIT_NAMES:
         raise ValueError(f"split {split!r} is invalid; choose one of {', '.join(SPLIT_NAMES)}")
@@ -192,7 +139,7 @@ def evaluate_run(
     jitters = [float(j) for j in recipe.evaluate.box_jitter] if mode == "prompted" else [None]
     case_ids = plan.cases[split][: recipe.evaluate.max_cases]
     cases = [load_normalised_case(info, case_id, recipe, label_ids) for case_id in case_ids]
-    group = _join_process_group()
+    group = join_process_group()
     results = []
     for jitter in jitters:
         name = f"eval_{split}_{mode}" + ("" if jitter is None else f"_jitter{jitter:g}")
@@ -213,60 +160,62 @@ def _evaluate_cases(
     jitter: float | None,
     dataset_ids: dict[str, int],
     folder: Path,
-    group: _ProcessGroup,
+    group: ProcessGroup,
 ) -> dict:
     """Score this process's share of ``cases``. The main process writes ``folder``, and every
     process returns the summary.
 
-    NOTE: when one process fails, the others wait in the next gather until the launcher stops
-    them, and the ``.partial`` folder stays behind unless the main process was the one that failed.
+    Under several processes, a failure on any of them makes every process raise
+    ShardedEvaluationError, and the main process removes the partial folder.
     """
     partial = folder.with_name(folder.name + ".partial")
-    if group.is_main:
-        if partial.exists():
-            shutil.rmtree(partial)
-        (partial / "predictions").mkdir(parents=True)
-    group.barrier()
-
     table = MetricTable()
     recipe_ids = {name: index + 1 for index, name in enumerate(dataset_ids)}
     rng = np.random.default_rng(recipe.seed)
     sweeps = _automatic_sweeps(recipe, list(recipe_ids)) if mode == "automatic" else None
     views = {}
-    try:
-        rounds = range(0, len(cases), group.world_size)
-        for first in tqdm(rounds, desc=f"{mode} {split}", leave=False, disable=not group.is_main):
-            result = None
-            for index in range(first, min(first + group.world_size, len(cases))):
-                if index == first + group.rank:
-                    result = _score_case(model, recipe, plan, cases[index], split, mode, jitter, dataset_ids, rng, partial)
-                elif mode == "prompted" and jitter:
-                    _draw_case_jitter(cases[index], plan, split, recipe.data.axis, jitter, len(recipe_ids), rng)
-            # Rank order within a round is case order, so the rows keep the order of one process.
-            for gathered in group.gather_to_main(result):
-                if gathered is None:
-                    continue
-                table.add_case(gathered.case_id, gathered.rows, **gathered.extra)
-                if sweeps is not None:
-                    sweeps.add_case(gathered.case_id, gathered.probabilities, gathered.reference, gathered.spacing)
-                views[gathered.case_id] = gathered.view
 
-        if group.is_main:
-            table.write(partial)
-            if sweeps is not None:
-                sweeps.write(partial)
-            write_case_overlays(partial, table.rows, views)
-            write_report(partial, _report_settings(recipe, split, mode, jitter))
+    def score(index: int) -> _CaseResult:
+        return _score_case(model, recipe, plan, cases[index], split, mode, jitter, dataset_ids, rng, partial)
+
+    def draw_jitter(index: int) -> None:
+        _draw_case_jitter(cases[index], plan, split, recipe.data.axis, jitter, len(recipe_ids), rng)
+
+    def collect(result: _CaseResult) -> None:
+        table.add_case(result.case_id, result.rows, **result.extra)
+        if sweeps is not None:
+            sweeps.add_case(result.case_id, result.probabilities, result.reference, result.spacing)
+        views[result.case_id] = result.view
+
+    def write_folder() -> dict:
+        table.write(partial)
+        if sweeps is not None:
+            sweeps.write(partial)
+        write_case_overlays(partial, table.rows, views)
+        write_report(partial, _report_settings(recipe, split, mode, jitter))
+        if folder.exists():
+            shutil.rmtree(folder)
+        partial.rename(folder)
+        return table.summary()
+
+    case_ids = [case.case_id for case in cases]
+    skip = draw_jitter if mode == "prompted" and jitter else None
+    try:
+        run_on_main(group, f"creating {partial}", lambda: create_partial_folder(partial))
+        gather_cases(case_ids, group, score, collect, skip, description=f"{mode} {split}")
+        # Every process waits for this broadcast, so none returns before the folder is in place.
+        return run_on_main(group, f"writing {folder}", write_folder)
     except BaseException:
         if group.is_main:
             shutil.rmtree(partial, ignore_errors=True)
         raise
-    if group.is_main:
-        if folder.exists():
-            shutil.rmtree(folder)
-        partial.rename(folder)
-    # The broadcast also keeps the other processes waiting until the folder is in place.
-    return group.broadcast_from_main(table.summary() if group.is_main else None)
+
+
+def create_partial_folder(partial: Path) -> None:
+    """Create ``partial/predictions``, removing what an earlier failed evaluation left there."""
+    if partial.exists():
+        shutil.rmtree(partial)
+    (partial / "predictions").mkdir(parents=True)
 
 
 def _score_case(
