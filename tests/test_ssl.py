@@ -21,8 +21,8 @@ from fmadapt.train.ssl.data import (
     load_pretrain_slices,
     normalise_pixels,
 )
-from fmadapt.train.ssl.losses import DinoLoss, IbotPatchLoss
-from fmadapt.train.ssl.loop import CollapseMonitor, build_student, collapse_metrics, pretrain
+from fmadapt.train.ssl.losses import DinoLoss, IbotPatchLoss, koleo_loss
+from fmadapt.train.ssl.loop import CollapseMonitor, build_student, collapse_metrics, image_entropy, pretrain
 
 from conftest import REPO_ROOT, require_dataset
 
@@ -100,6 +100,33 @@ def test_ibot_loss_without_masks_is_connected_zero():
 # Collapse monitor.
 
 
+def test_koleo_loss_hand_check():
+    # Unit vectors at 0, 90 and 180 degrees: the nearest neighbour of each end point is
+    # the middle one (distance sqrt 2), and the middle one's nearest is also at sqrt 2.
+    features = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]]])
+    expected = -math.log(math.sqrt(2.0))
+    assert koleo_loss(features).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_koleo_loss_penalises_collapse():
+    generator = torch.Generator().manual_seed(0)
+    spread = torch.randn(2, 16, 32, generator=generator)
+    collapsed = spread[:, :1].expand(2, 16, 32) + 1e-4 * torch.randn(2, 16, 32, generator=generator)
+    assert koleo_loss(collapsed).item() > koleo_loss(spread).item() + 5.0
+
+
+def test_koleo_loss_gradient_spreads_pair():
+    features = torch.tensor([[[1.0, 0.0], [1.0, 0.1]]], requires_grad=True)
+    koleo_loss(features).backward()
+    # Descending the gradient moves the second vector away from the first (its y grows).
+    assert features.grad[0, 1, 1].item() < 0.0
+
+
+def test_koleo_loss_rejects_single_vector():
+    with pytest.raises(ValueError, match="at least 2 vectors"):
+        koleo_loss(torch.ones(3, 1, 8))
+
+
 def test_collapse_fires_on_constant_output():
     monitor = CollapseMonitor(entropy_threshold=0.05, std_threshold=0.02)
     tokens = torch.ones(8, 32)
@@ -111,6 +138,28 @@ def test_collapse_fires_on_constant_output():
     assert spread == pytest.approx(0.0, abs=1e-6)
     assert report.collapsed
     assert len(report.reasons) == 2
+
+
+def test_collapse_fires_on_uniform_targets():
+    # Every image gets the uniform distribution: the batch mean looks healthy (entropy 1),
+    # but no target tells the student anything.
+    monitor = CollapseMonitor(entropy_threshold=0.05, std_threshold=0.02, uniform_threshold=0.98)
+    probabilities = torch.full((8, 16), 1.0 / 16)
+    tokens = torch.randn(8, 32, generator=torch.Generator().manual_seed(0))
+    entropy, spread = collapse_metrics(probabilities, tokens)
+    per_image = image_entropy(probabilities)
+    report = monitor.check(entropy, spread, per_image)
+    assert per_image == pytest.approx(1.0, abs=1e-6)
+    assert entropy == pytest.approx(1.0, abs=1e-6)
+    assert report.collapsed
+    assert report.reasons == [f"per-image teacher entropy {per_image:.4f} > 0.98 (targets are near uniform)"]
+
+
+def test_image_entropy_hand_check():
+    # Each row spreads over two of four prototypes: entropy log 2 of a maximum log 4.
+    probabilities = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]])
+    assert image_entropy(probabilities) == pytest.approx(0.5, abs=1e-6)
+    assert image_entropy(torch.eye(4)) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_collapse_silent_on_random_features():

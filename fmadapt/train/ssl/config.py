@@ -124,6 +124,7 @@ class ObjectiveConfig:
     center_momentum: float = 0.9
     dino_weight: float = 1.0
     ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
     mask_probability: float = 0.5
     mask_ratio: tuple[float, float] = (0.1, 0.5)
 
@@ -164,12 +165,15 @@ class CollapseConfig:
     divided by log K (1 when the batch spreads over all prototypes, 0 when every image
     picks the same one). ``std_threshold`` applies to the standard deviation across the
     batch of the L2-normalised class tokens, averaged over channels and multiplied by
-    sqrt(E), which is about 1 for independent random directions. ``stop`` ends the run
-    at the first step that collapses.
+    sqrt(E), which is about 1 for independent random directions. ``uniform_threshold``
+    applies to the mean over images of each teacher distribution's entropy divided by
+    log K, which reaches 1 when every target is uniform. ``stop`` ends the run at the
+    first step that collapses.
     """
 
     entropy_threshold: float = 0.05
     std_threshold: float = 0.02
+    uniform_threshold: float = 0.98
     stop: bool = False
 
 
@@ -225,11 +229,22 @@ def validate_pretrain_recipe(recipe: PretrainRecipe) -> None:
     _check_counts(recipe)
     _check_crops(recipe.crops)
     _check_objective(recipe.objective)
+    if recipe.objective.koleo_weight > 0 and recipe.train.batch_size < 2:
+        raise RecipeError(
+            f"recipe key 'objective.koleo_weight' is {recipe.objective.koleo_weight}, but the KoLeo term compares "
+            f"the images of a batch and 'train.batch_size' is {recipe.train.batch_size}; set train.batch_size >= 2 "
+            "or objective.koleo_weight=0"
+        )
     _check_teacher(recipe.teacher)
     _check_train(recipe.train)
     for key in ("entropy_threshold", "std_threshold"):
         if getattr(recipe.collapse, key) < 0:
             raise RecipeError(f"recipe key 'collapse.{key}' must be >= 0, got {getattr(recipe.collapse, key)}")
+    if not 0.0 < recipe.collapse.uniform_threshold <= 1.0:
+        raise RecipeError(
+            f"recipe key 'collapse.uniform_threshold' must be in (0, 1], got {recipe.collapse.uniform_threshold}; "
+            "1 turns the uniform-target check off"
+        )
 
 
 def _check_counts(recipe: PretrainRecipe) -> None:
@@ -278,7 +293,7 @@ def _check_objective(objective: ObjectiveConfig) -> None:
         )
     _check_fraction("objective.center_momentum", objective.center_momentum, allow_one=True)
     _check_fraction("objective.mask_probability", objective.mask_probability, allow_one=True)
-    for key in ("dino_weight", "ibot_weight"):
+    for key in ("dino_weight", "ibot_weight", "koleo_weight"):
         if getattr(objective, key) < 0:
             raise RecipeError(f"recipe key 'objective.{key}' must be >= 0, got {getattr(objective, key)}")
     if objective.dino_weight == 0 and objective.ibot_weight == 0:

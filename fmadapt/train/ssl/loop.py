@@ -35,7 +35,7 @@ from fmadapt.train.ssl.config import PretrainRecipe
 from fmadapt.train.ssl.data import MultiCropDataset, MultiCropSettings, load_pretrain_slices
 from fmadapt.train.ssl.export import save_encoder_checkpoint
 from fmadapt.train.ssl.heads import ProjectionHead, SslNetwork
-from fmadapt.train.ssl.losses import DinoLoss, IbotPatchLoss
+from fmadapt.train.ssl.losses import DinoLoss, IbotPatchLoss, koleo_loss
 
 __all__ = [
     "CollapseMonitor",
@@ -43,6 +43,7 @@ __all__ = [
     "PretrainResult",
     "build_student",
     "collapse_metrics",
+    "image_entropy",
     "pretrain",
 ]
 
@@ -57,11 +58,12 @@ _CHECKPOINT_PREFIX = "step_"
 
 @dataclass
 class CollapseReport:
-    """Collapse measures of one step and the names of those below their threshold."""
+    """Collapse measures of one step and the names of those past their threshold."""
 
     entropy: float
     feature_std: float
     reasons: list[str] = field(default_factory=list)
+    image_entropy: float | None = None
 
     @property
     def collapsed(self) -> bool:
@@ -70,17 +72,28 @@ class CollapseReport:
 
 @dataclass(frozen=True)
 class CollapseMonitor:
-    """Flag a step whose teacher entropy or feature spread is below its threshold (see ``CollapseConfig``)."""
+    """Flag a step whose teacher output or features have collapsed (thresholds as in ``CollapseConfig``).
+
+    Two collapses show in the teacher's targets: every image on one prototype (the
+    entropy of the batch-mean distribution falls) and every image on a uniform
+    distribution (the entropy of each image's own distribution rises to its maximum).
+    The third, features that no longer depend on the image, shows in the class tokens.
+    """
 
     entropy_threshold: float
     std_threshold: float
+    uniform_threshold: float = 1.0
 
-    def check(self, entropy: float, feature_std: float) -> CollapseReport:
-        report = CollapseReport(entropy, feature_std)
+    def check(self, entropy: float, feature_std: float, image_entropy: float | None = None) -> CollapseReport:
+        report = CollapseReport(entropy, feature_std, image_entropy=image_entropy)
         if entropy < self.entropy_threshold:
             report.reasons.append(f"teacher entropy {entropy:.4f} < {self.entropy_threshold}")
         if feature_std < self.std_threshold:
             report.reasons.append(f"feature std {feature_std:.4f} < {self.std_threshold}")
+        if image_entropy is not None and image_entropy > self.uniform_threshold:
+            report.reasons.append(
+                f"per-image teacher entropy {image_entropy:.4f} > {self.uniform_threshold} (targets are near uniform)"
+            )
         return report
 
 
@@ -104,6 +117,20 @@ def collapse_metrics(teacher_probabilities: torch.Tensor, class_tokens: torch.Te
         raise ValueError(f"class_tokens must contain at least 2 tokens to measure a spread, got {tokens.shape[0]}")
     spread = tokens.std(dim=0, unbiased=False).mean() * math.sqrt(tokens.shape[-1])
     return normalised_entropy, float(spread)
+
+
+def image_entropy(teacher_probabilities: torch.Tensor) -> float:
+    """Return the mean over images of each ...×K teacher distribution's entropy divided by log K.
+
+    A value of 1 means every target is uniform over the K prototypes. Such targets teach
+    the student nothing, while a teacher that still separates images gives values well below 1.
+    """
+    probabilities = teacher_probabilities.detach().reshape(-1, teacher_probabilities.shape[-1]).float()
+    prototypes = probabilities.shape[-1]
+    if prototypes < 2:
+        return 0.0
+    entropies = -(probabilities * probabilities.clamp_min(1e-12).log()).sum(dim=-1)
+    return float(entropies.mean() / math.log(prototypes))
 
 
 @dataclass
@@ -268,7 +295,8 @@ class _Objective:
                              center_momentum=objective.center_momentum).to(accelerator.device)
         self.ibot = IbotPatchLoss(recipe.head.patch_prototypes, student_temperature=objective.student_temperature,
                                   center_momentum=objective.center_momentum).to(accelerator.device)
-        self.monitor = CollapseMonitor(recipe.collapse.entropy_threshold, recipe.collapse.std_threshold)
+        collapse = recipe.collapse
+        self.monitor = CollapseMonitor(collapse.entropy_threshold, collapse.std_threshold, collapse.uniform_threshold)
 
     def __call__(self, student, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
         temperature = _teacher_temperature(self.recipe, step)
@@ -280,19 +308,25 @@ class _Objective:
         patch_targets = self.ibot.targets(teacher_out.patch_logits.float(), temperature)
         dino_loss = self.dino(student_out.class_logits.float(), class_targets)
         ibot_loss = self.ibot(student_out.patch_logits.float(), patch_targets, batch["masks"].transpose(0, 1))
-        loss = self.recipe.objective.dino_weight * dino_loss + self.recipe.objective.ibot_weight * ibot_loss
+        global_views = batch["global_crops"].shape[1]
+        koleo = koleo_loss(student_out.class_tokens[:global_views].float())
+        objective = self.recipe.objective
+        loss = objective.dino_weight * dino_loss + objective.ibot_weight * ibot_loss + objective.koleo_weight * koleo
 
         reduce = self.accelerator.reduce
         self.dino.update_center(reduce(teacher_out.class_logits.float().mean(dim=(0, 1)), "mean"))
         self.ibot.update_center(reduce(teacher_out.patch_logits.float().mean(dim=(0, 1, 2)), "mean"))
         entropy, spread = collapse_metrics(class_targets, teacher_out.class_tokens)
-        measures = reduce(torch.tensor([entropy, spread], device=self.accelerator.device), "mean")
-        report = self.monitor.check(float(measures[0]), float(measures[1]))
+        per_image = image_entropy(class_targets)
+        measures = reduce(torch.tensor([entropy, spread, per_image], device=self.accelerator.device), "mean")
+        report = self.monitor.check(float(measures[0]), float(measures[1]), float(measures[2]))
         record = {
             "loss_dino": float(reduce(dino_loss.detach(), "mean")),
             "loss_ibot": float(reduce(ibot_loss.detach(), "mean")),
+            "loss_koleo": float(reduce(koleo.detach(), "mean")),
             "teacher_temperature": temperature,
             "teacher_entropy": report.entropy,
+            "teacher_image_entropy": report.image_entropy,
             "feature_std": report.feature_std,
             "collapse": report.reasons,
         }

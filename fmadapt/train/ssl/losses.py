@@ -12,6 +12,13 @@ becoming uniform, which are the two ways the teacher's output can collapse.
 - iBOT (patch tokens): on each global crop, the student's masked patches predict the
   teacher's patches at the same positions (the teacher gets the crop unmasked). Each
   image's masked patches are averaged, and then the images are averaged.
+- KoLeo (class token, student only): ``-mean_i log(min_j ||x_i - x_j||)`` over the
+  L2-normalised class tokens of one crop across the batch. It is the Kozachenko-Leonenko
+  estimate of their differential entropy up to constants, so minimising it spreads the
+  features over the sphere (Sablayrolles et al., "Spreading vectors for similarity search",
+  ICLR 2019; DINOv2 adds it with weight 0.1). Unlike centering and sharpening it acts on the
+  encoder output itself, which is what collapses first when the encoder starts near the
+  identity.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["DinoLoss", "IbotPatchLoss", "teacher_targets"]
+__all__ = ["DinoLoss", "IbotPatchLoss", "koleo_loss", "teacher_targets"]
 
 
 def teacher_targets(teacher_logits: torch.Tensor, center: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -131,3 +138,30 @@ class IbotPatchLoss(_CenteredLoss):
             return (student_logits * 0.0).sum()
         per_image = (cross_entropy * weights).sum(dim=-1)[has_mask] / masked_per_image[has_mask]
         return per_image.mean()
+
+
+def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Return the KoLeo regulariser of ...×B×E features, averaged over the leading axes.
+
+    Each group of B vectors (one crop of every image) is L2-normalised, and each vector's
+    distance to its nearest neighbour in the group enters as ``-log(distance + eps)``.
+    Identical vectors therefore cost ``-log(eps)`` (about 18.4), and spread ones cost less.
+
+    Raises:
+        ValueError: if a group has fewer than 2 vectors, so no neighbour exists.
+    """
+    if features.ndim < 2 or features.shape[-2] < 2:
+        raise ValueError(
+            f"koleo_loss needs at least 2 vectors per group (...×B×E with B >= 2), got shape {tuple(features.shape)}"
+        )
+    groups = F.normalize(features.reshape(-1, *features.shape[-2:]), dim=-1, eps=eps)
+    count = groups.shape[1]
+    with torch.no_grad():
+        # The neighbour is chosen without gradient, as a hard assignment; the distance to it
+        # is then differentiable.
+        similarity = groups @ groups.transpose(1, 2)
+        similarity.diagonal(dim1=1, dim2=2).fill_(-2.0)
+        neighbour = similarity.argmax(dim=-1)
+    nearest = torch.gather(groups, 1, neighbour.unsqueeze(-1).expand(-1, count, groups.shape[-1]))
+    distances = (groups - nearest).norm(dim=-1)
+    return -torch.log(distances + eps).mean()
