@@ -12,7 +12,7 @@ from fmadapt.errors import FmadaptWarning
 from fmadapt.inference import Predictor
 from fmadapt.inference.predictor import bf16_is_native, resolve_precision
 from fmadapt.models import Segmenter
-from fmadapt.models.fused_attention import FusedSamAttention, relative_position_bias
+from fmadapt.models.fused_attention import FusedSamAttention, relative_position_attention, relative_position_bias
 
 SIZE = 128
 
@@ -55,6 +55,31 @@ def test_bias_matches_decomposed_rel_pos():
 
     assert bias.shape == (1, heads, height * width, height * width)
     torch.testing.assert_close(bias[0], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grid", [(14, 14), (6, 9)])
+def test_folded_attention_matches_mask(grid):
+    # Non-square grids catch a row/column mix-up in the one-hot key codes.
+    generator = torch.Generator().manual_seed(3)
+    height, width = grid
+    tokens, channels = height * width, 8
+    query, key, value = (
+        torch.randn(2, 3, tokens, channels, generator=generator, requires_grad=True) for _ in range(3)
+    )
+    rel_pos_h = torch.randn(2 * height - 1, channels, generator=generator)
+    rel_pos_w = torch.randn(2 * width - 1, channels, generator=generator)
+    scale = channels**-0.5
+
+    folded = relative_position_attention(query, key, value, rel_pos_h, rel_pos_w, grid, scale)
+    bias = relative_position_bias(query, rel_pos_h, rel_pos_w, grid)
+    masked = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale)
+    assert folded.shape == masked.shape
+    torch.testing.assert_close(folded, masked, atol=1e-5, rtol=1e-5)
+
+    folded_grads = torch.autograd.grad(folded.square().sum(), (query, key, value))
+    masked_grads = torch.autograd.grad(masked.square().sum(), (query, key, value))
+    for folded_grad, masked_grad in zip(folded_grads, masked_grads):
+        torch.testing.assert_close(folded_grad, masked_grad, atol=1e-4, rtol=1e-4)
 
 
 def test_bias_entry_by_hand():

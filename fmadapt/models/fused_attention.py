@@ -1,11 +1,17 @@
 """Fused attention for the image encoder: torch's scaled_dot_product_attention in place of the by-hand path.
 
 segment-anything 1.0's ``Attention`` computes ``softmax(q·kᵀ·scale + rel) @ v`` step by step,
-where ``rel`` is the decomposed relative-position term (one table per axis). The fused
-forward here builds the same ``rel`` term as an additive attention mask and hands q, k, v
-and the mask to ``torch.nn.functional.scaled_dot_product_attention``, which picks a fused
-kernel for the device. Parameters, buffers, hooks and state-dict keys stay as they were,
-because only the module's class changes (to a subclass with another ``forward``).
+where ``rel`` is the decomposed relative-position term (one table per axis). As an additive
+mask, ``rel`` would take heads × N × N values per image (12 × 4096 × 4096 for a global block
+of ViT-B at 1024 px, 805 MB in fp32), written once and read again by the kernel. The fused
+forward instead folds ``rel`` into the queries and keys:
+rel[i, j] = q_i·Rh[row(i), row(j)] + q_i·Rw[col(i), col(j)] is the dot product of
+[q_i·Rh[row(i), :], q_i·Rw[col(i), :]] with the one-hot code of (row(j), col(j)). With those
+h + w channels appended to the scaled queries and to the keys (and zeros to the values,
+because the fused kernels want one head size), ``scaled_dot_product_attention`` gives the
+same result and never forms an N × N tensor outside its kernel. Parameters, buffers, hooks
+and state-dict keys stay as they were, because only the module's class changes (to a
+subclass with another ``forward``).
 
 DINOv3 encoders come from transformers, whose attention already has an SDPA
 implementation; enabling fused attention there selects it.
@@ -20,7 +26,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 
-__all__ = ["FusedSamAttention", "disable_fused_attention", "enable_fused_attention", "relative_position_bias"]
+__all__ = [
+    "FusedSamAttention",
+    "disable_fused_attention",
+    "enable_fused_attention",
+    "relative_position_bias",
+    "relative_position_attention",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +61,46 @@ def relative_position_bias(
     return bias.reshape(batch, heads, tokens, tokens)
 
 
+def relative_position_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    grid: tuple[int, int],
+    scale: float,
+) -> torch.Tensor:
+    """Compute ``softmax(q·kᵀ·scale + rel) @ v`` without forming the N×N ``rel`` mask.
+
+    Args:
+        query, key, value: B×heads×N×c, N = h·w tokens in row-major order.
+        rel_pos_h, rel_pos_w: the attention module's relative-position tables, as in
+            ``relative_position_bias``.
+        grid: (h, w) token grid of the queries and keys.
+        scale: factor of q·kᵀ (segment-anything uses c ** -0.5).
+
+    Returns:
+        B×heads×N×c attended values, equal to the masked form up to rounding.
+    """
+    height, width = grid
+    batch, heads, tokens, channels = query.shape
+    table_h = get_rel_pos(height, height, rel_pos_h).to(query.dtype)
+    table_w = get_rel_pos(width, width, rel_pos_w).to(query.dtype)
+    grid_query = query.reshape(batch, heads, height, width, channels)
+    along_h = torch.einsum("bnhwc,hkc->bnhwk", grid_query, table_h).reshape(batch, heads, tokens, height)
+    along_w = torch.einsum("bnhwc,wkc->bnhwk", grid_query, table_w).reshape(batch, heads, tokens, width)
+    query = torch.cat([query * scale, along_h, along_w], dim=-1)
+
+    positions = torch.arange(tokens, device=key.device)
+    codes = torch.cat(
+        [F.one_hot(positions // width, height), F.one_hot(positions % width, width)], dim=-1
+    ).to(key.dtype)
+    key = torch.cat([key, codes.expand(batch, heads, tokens, height + width)], dim=-1)
+    value = F.pad(value, (0, height + width))
+    attended = F.scaled_dot_product_attention(query, key, value, scale=1.0)
+    return attended[..., :channels]
+
+
 class FusedSamAttention(Attention):
     """segment-anything ``Attention`` whose forward calls ``scaled_dot_product_attention``.
 
@@ -63,10 +115,12 @@ class FusedSamAttention(Attention):
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         query, key, value = qkv.unbind(0)
 
-        bias = None
         if self.use_rel_pos:
-            bias = relative_position_bias(query, self.rel_pos_h, self.rel_pos_w, (height, width))
-        attended = F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=self.scale)
+            attended = relative_position_attention(
+                query, key, value, self.rel_pos_h, self.rel_pos_w, (height, width), self.scale
+            )
+        else:
+            attended = F.scaled_dot_product_attention(query, key, value, scale=self.scale)
 
         attended = attended.reshape(batch, self.num_heads, height, width, -1)
         attended = attended.permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1)
