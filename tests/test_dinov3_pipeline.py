@@ -235,3 +235,59 @@ def test_ct_recipe_split_matches_sam_recipe(monkeypatch, tmp_path):
     assert dinov3.data == sam.data
     assert dinov3.data.labels == ["liver", "spleen", "kidney_right", "kidney_left"]
     assert dinov3.evaluate == sam.evaluate
+
+
+def _largest_training_slices(recipe, count):
+    """The ``count`` training slices of the recipe's split with the most labelled pixels."""
+    from fmadapt.config import resolve_data_root
+    from fmadapt.data.datasets import read_dataset
+    from fmadapt.train.loop import plan_split
+    from fmadapt.train.samples import class_ids, training_slices
+
+    info = read_dataset(resolve_data_root(recipe))
+    label_ids = list(class_ids(info, recipe).values())
+    samples = training_slices(info, plan_split(info, recipe, label_ids), recipe, label_ids)
+    samples.sort(key=lambda sample: -int((sample.label > 0).sum()))
+    return samples[:count], len(label_ids)
+
+
+def _hard_dice(logits, targets):
+    predicted = (logits > 0).float()
+    return float(2 * (predicted * targets).sum() / (predicted.sum() + targets.sum()))
+
+
+def test_dinov3_path_fits_two_slices(ct_data):
+    """Both heads of a random-start DINOv3 model can fit two real CT slices.
+
+    A path that cannot fit its own training images (a wrong neck, a detached head or
+    targets at the wrong size) fails here; held-out Dice from random weights is too low
+    to tell such a bug from an untrained encoder.
+    """
+    from fmadapt.train.dataset import PromptedSliceDataset
+    from fmadapt.train.objective import FewShotObjective
+
+    recipe = load_recipe(CT_RECIPE, ["model.checkpoint=null", "adaptation.preset=full"])
+    samples, num_classes = _largest_training_slices(recipe, 2)
+    torch.manual_seed(0)
+    model = build_model(recipe)
+    dataset = PromptedSliceDataset(samples, model.transform, num_classes, box_jitter=0, seed=0)
+    batch = {key: torch.stack([dataset[i][key] for i in range(len(dataset))]) for key in dataset[0]}
+    objective = FewShotObjective(model, ["prompted", "automatic"])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(200):
+        losses = objective(batch["images"], batch["targets"], batch["boxes"], batch["present"])
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+
+    with torch.no_grad():
+        embeddings = model.encode(batch["images"])
+        for index in range(len(samples)):
+            present = batch["present"][index].nonzero().squeeze(1)
+            targets = batch["targets"][index]
+            prompted, _ = model.decode_prompts(
+                embeddings[index : index + 1], boxes=batch["boxes"][index, present], multimask_output=False
+            )
+            automatic, _ = model.decode_classes(embeddings[index : index + 1])
+            assert _hard_dice(prompted[:, 0], targets[present]) > 0.9
+            assert _hard_dice(automatic, targets) > 0.7
