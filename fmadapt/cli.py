@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -48,7 +49,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         protocol = ProtocolSettings(**protocol_options)
     elif protocol_options:
         logger.warning("--mode %s ignores the protocol options %s", args.mode, ", ".join(sorted(protocol_options)))
-    for result in evaluate_run(args.run_dir, args.mode, args.split, args.overrides, protocol):
+    overrides = list(args.overrides)
+    if args.cache is not None:
+        # A JSON string is a quoted YAML scalar, so a path such as "2024" stays a string.
+        overrides.append(f"evaluate.cache_dir={json.dumps(args.cache)}")
+    for result in evaluate_run(args.run_dir, args.mode, args.split, overrides, protocol):
         mean = result.summary["overall"]["dice"]["mean"]
         logger.info("%s: mean Dice %s; results in %s", result.folder.name, "n/a" if mean != mean else f"{mean:.4f}", result.folder)
     return 0
@@ -233,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "clicks; propagate3d: one box on a key slice propagated through the volume")
     evaluate.add_argument("--split", choices=["train", "validation", "test"], default=None,
                           help="which split to evaluate (default: the recipe's evaluate.split, normally test)")
+    evaluate.add_argument("--cache", metavar="DIR",
+                          help="folder of cached image embeddings: reused when the images, weights and "
+                          "preprocessing match, written otherwise (sets evaluate.cache_dir; default: off)")
     evaluate.add_argument("overrides", nargs="*", help="evaluate.* overrides as key=value, e.g. evaluate.max_cases=5")
     _add_protocol_options(evaluate)
     evaluate.set_defaults(handler=_evaluate)

@@ -131,7 +131,10 @@ class TrainConfig:
     linear warm-up; ``max_grad_norm`` clips the gradient norm (null turns clipping off).
     ``mixed_precision`` is ``no``, ``bf16`` (CPU or GPU) or ``fp16`` (GPU, with a grad scaler).
     ``gradient_checkpointing`` recomputes encoder block activations in the backward pass,
-    trading time for memory.
+    trading time for memory. ``cache_dir`` (null: off) is a folder of memory-mapped image
+    embeddings that decoder-only training reads and writes (``$VARIABLES`` are expanded). It
+    needs a frozen encoder and pays off with ``augment: false``, because augmented images
+    differ on every step.
     """
 
     modes: list[str] = field(default_factory=lambda: list(TRAIN_MODES))
@@ -151,6 +154,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     mixed_precision: str = "no"
     max_validation_slices: int = 32
+    cache_dir: str | None = None
 
 
 @dataclass
@@ -161,6 +165,8 @@ class EvaluateConfig:
     Automatic evaluation also scores each probability cut-off of ``threshold_sweep`` (in
     (0, 1]) and each minimum component size of ``min_size_sweep_mm3`` (mm³; pixels for 2D
     images). ``detection: true`` adds lesion-level detection (FROC, per-lesion Dice).
+    ``cache_dir`` (null: off) is a folder of memory-mapped image embeddings, so evaluating
+    the same images with the same encoder again skips the encoder (``$VARIABLES`` are expanded).
     """
 
     nsd_tolerance_mm: float = 2.0
@@ -171,6 +177,7 @@ class EvaluateConfig:
     detection: bool = False
     threshold_sweep: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     min_size_sweep_mm3: list[float] = field(default_factory=lambda: [10.0, 50.0, 100.0, 500.0])
+    cache_dir: str | None = None
 
 
 @dataclass

@@ -65,7 +65,9 @@ from fmadapt.evaluate.report import OverlayCase, cut_overlay_case, write_case_ov
 from fmadapt.evaluate.results import MetricTable
 from fmadapt.evaluate.runner import EvaluationResult, create_partial_folder
 from fmadapt.evaluate.sharding import ProcessGroup, evaluation_device, gather_cases, join_process_group, run_on_main
+from fmadapt.inference.cache import open_embedding_cache
 from fmadapt.inference.predictor import Predictor
+from fmadapt.inference.slice_embeddings import SliceEmbeddings
 from fmadapt.runs import SPLIT_FILE, load_run
 from fmadapt.train.samples import LoadedCase, class_ids, load_normalised_case, split_slices_for_evaluation
 from fmadapt.train.splits import SPLIT_NAMES, SplitPlan
@@ -118,7 +120,8 @@ def run_protocol(
     def load_case(case_id: str) -> LoadedCase:
         return load_normalised_case(info, case_id, recipe, label_ids)
 
-    predictor = Predictor(model, intensity=IntensitySpec(mode="none"))
+    cache = open_embedding_cache(recipe.evaluate.cache_dir, "evaluate.cache_dir")
+    predictor = Predictor(model, intensity=IntensitySpec(mode="none"), cache=cache)
     context = _Context(recipe, plan, split, mode, settings, predictor, load_case)
     group = join_process_group()
 
@@ -129,6 +132,8 @@ def run_protocol(
         summary = _write_evaluation(context, case_ids, dataset_ids, level, folder, group)
         results.append(EvaluationResult(folder, mode, level, summary))
         logger.info("%s: mean Dice %s over %d cases", folder.name, summary["overall"]["dice"]["mean"], len(case_ids))
+    if cache is not None:
+        logger.info("embedding cache %s: %d hits, %d misses", cache.folder, cache.hits, cache.misses)
     return results
 
 
@@ -315,10 +320,12 @@ def _propagate_case(context: _Context, case, block, slices, names, level, rng):
     masks = np.zeros((len(names), *case.label.shape), dtype=bool)
     rows = []
 
-    # NOTE: every class encodes the slices it visits again. Keeping all embeddings of a case
-    # would avoid that, but a SAM ViT-B embedding is 4 MiB (256×64×64 float32) per slice.
+    # Classes visit overlapping slices, so each slice is encoded once per case while the
+    # memory budget of SliceEmbeddings lasts.
+    embeddings = SliceEmbeddings(context.predictor)
+
     def predict_slice(index: int, box: np.ndarray) -> np.ndarray:
-        context.predictor.set_image(by_index[index].image)
+        embeddings.set_image(index, by_index[index].image)
         masks_k, scores, _ = context.predictor.predict(box=box, multimask_output=False)
         return masks_k[int(np.argmax(scores))]
 

@@ -48,6 +48,7 @@ from fmadapt.evaluate.report import OverlayCase, cut_overlay_case, write_case_ov
 from fmadapt.evaluate.results import MetricTable
 from fmadapt.evaluate.sharding import ProcessGroup, evaluation_device, gather_cases, join_process_group, run_on_main
 from fmadapt.evaluate.sweeps import CHOSEN_THRESHOLD, ProbabilitySweeps, probabilities_from_logits
+from fmadapt.inference.cache import EmbeddingCache, open_embedding_cache
 from fmadapt.inference.label_maps import (
     class_logits_automatic,
     class_logits_from_boxes,
@@ -114,6 +115,8 @@ def evaluate_run(
 
     Under several processes every mode splits the cases over them, evaluates on each process's
     device and returns the same results on every rank.
+    With ``evaluate.cache_dir`` set, every mode reads image embeddings from that
+    :class:`fmadapt.inference.cache.EmbeddingCache` folder and stores the ones it computes.
     """
     # Imported here because the protocols module imports EvaluationResult from this one.
     from fmadapt.evaluate.protocols import PROTOCOL_MODES, run_protocol
@@ -140,13 +143,16 @@ def evaluate_run(
     case_ids = plan.cases[split][: recipe.evaluate.max_cases]
     cases = [load_normalised_case(info, case_id, recipe, label_ids) for case_id in case_ids]
     group = join_process_group()
+    cache = open_embedding_cache(recipe.evaluate.cache_dir, "evaluate.cache_dir")
     results = []
     for jitter in jitters:
         name = f"eval_{split}_{mode}" + ("" if jitter is None else f"_jitter{jitter:g}")
         folder = run_dir / name
-        summary = _evaluate_cases(model, recipe, plan, cases, split, mode, jitter, dataset_ids, folder, group)
+        summary = _evaluate_cases(model, recipe, plan, cases, split, mode, jitter, dataset_ids, folder, group, cache)
         results.append(EvaluationResult(folder, mode, jitter, summary))
         logger.info("%s: mean Dice %s over %d cases", name, _mean_dice(summary), summary["n_cases"])
+    if cache is not None:
+        logger.info("embedding cache %s: %d hits, %d misses", cache.folder, cache.hits, cache.misses)
     return results
 
 
@@ -161,6 +167,7 @@ def _evaluate_cases(
     dataset_ids: dict[str, int],
     folder: Path,
     group: ProcessGroup,
+    cache: EmbeddingCache | None = None,
 ) -> dict:
     """Score this process's share of ``cases``. The main process writes ``folder``, and every
     process returns the summary.
@@ -176,7 +183,7 @@ def _evaluate_cases(
     views = {}
 
     def score(index: int) -> _CaseResult:
-        return _score_case(model, recipe, plan, cases[index], split, mode, jitter, dataset_ids, rng, partial)
+        return _score_case(model, recipe, plan, cases[index], split, mode, jitter, dataset_ids, rng, partial, cache)
 
     def draw_jitter(index: int) -> None:
         _draw_case_jitter(cases[index], plan, split, recipe.data.axis, jitter, len(recipe_ids), rng)
@@ -229,13 +236,14 @@ def _score_case(
     dataset_ids: dict[str, int],
     rng: np.random.Generator,
     partial: Path,
+    cache: EmbeddingCache | None = None,
 ) -> _CaseResult:
     """Predict and score one case, and write its prediction file into ``partial/predictions``."""
     recipe_ids = {name: index + 1 for index, name in enumerate(dataset_ids)}
     axis = recipe.data.axis
     slices, block = split_slices_for_evaluation(case, plan, split, axis)
     region = _evaluated_region(case.label.ndim, axis, block)
-    prediction = _predict_case(model, case, slices, axis, block, mode, jitter, len(recipe_ids), rng)
+    prediction = _predict_case(model, case, slices, axis, block, mode, jitter, len(recipe_ids), rng, cache)
 
     spacing = case.label_source.spacing
     rows = _class_metrics(prediction.masks, case.label, region, spacing, recipe_ids, recipe)
@@ -289,6 +297,7 @@ def _predict_case(
     jitter: float | None,
     num_classes: int,
     rng: np.random.Generator,
+    cache: EmbeddingCache | None = None,
 ) -> _CasePrediction:
     """Predict every slice of ``slices`` and place the results into volumes like case.label.
 
@@ -303,7 +312,7 @@ def _predict_case(
         region_shape = case.label[_evaluated_region(case.label.ndim, axis, block)].shape
         probabilities = np.zeros((num_classes, *region_shape), dtype=np.float16)
     for sample in slices:
-        embedding = embed_image(model, sample.image)
+        embedding = embed_image(model, sample.image, cache)
         size = sample.label.shape[:2]
         if mode == "automatic":
             logits = class_logits_automatic(model, embedding, size)

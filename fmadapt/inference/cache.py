@@ -10,8 +10,10 @@ are also stored in the file's metadata and compared on every read.
 Parameters of the prompt encoder and mask decoder are not part of the key because
 they do not change the embedding, so decoder-only training keeps hitting the cache.
 
-NOTE: only ``Predictor(cache=...)`` reads the cache so far. The evaluation runner and
-the training loop still encode every image.
+Readers: ``Predictor(cache=...)``, ``fmadapt.inference.label_maps.embed_image(cache=...)``
+(evaluation with ``evaluate.cache_dir`` or ``fmadapt evaluate --cache``, and validation
+during training) and decoder-only training with ``train.cache_dir``
+(:mod:`fmadapt.train.embedding_cache`).
 """
 
 from __future__ import annotations
@@ -31,15 +33,21 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from fmadapt.config import expand_path
 from fmadapt.data.intensity import IntensitySpec
+from fmadapt.errors import RecipeError
 from fmadapt.runs import base_fingerprint
 
 __all__ = [
     "CACHE_FORMAT",
     "CacheKey",
+    "ENCODER_PRECISIONS",
     "EmbeddingCache",
     "embedding_key",
+    "embedding_key_from_digest",
     "image_digest",
+    "open_embedding_cache",
+    "trainable_encoder_parameters",
     "trained_encoder_fingerprint",
 ]
 
@@ -50,6 +58,8 @@ CACHE_FORMAT = "fmadapt-embedding-1"
 # Parameter names under these prefixes change the embedding that Segmenter.encode returns.
 _ENCODING_PREFIXES = ("image_encoder.", "neck.")
 _TENSOR_NAME = "embedding"
+# Precisions an encoder can run in, as named in keys.
+ENCODER_PRECISIONS = ("fp32", "bf16", "fp16")
 
 # Fingerprints per model, reused while no parameter has been modified in place. The
 # version counters of the parameters tell when an optimizer step or load changed them.
@@ -70,7 +80,7 @@ class CacheKey:
         trained_id: ``trained_encoder_fingerprint`` of the model.
         preprocess: repr of the model's ``PreprocessSpec``.
         intensity: repr of the ``IntensitySpec`` applied before preprocessing.
-        precision: "fp32" or "bf16", the precision the encoder ran in.
+        precision: "fp32", "bf16" or "fp16", the precision the encoder ran in.
         cache_format: ``CACHE_FORMAT`` when the entry was written.
     """
 
@@ -136,10 +146,25 @@ def trained_encoder_fingerprint(model: torch.nn.Module) -> str:
     return result
 
 
+def trainable_encoder_parameters(model: torch.nn.Module) -> list[str]:
+    """Return the names of the parameters with ``requires_grad`` that change the embedding.
+
+    An empty list means the encoder is frozen, so its embedding of an image stays the same
+    while the prompt encoder and mask decoder train.
+    """
+    return [
+        name
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad and name.startswith(_ENCODING_PREFIXES)
+    ]
+
+
 def _base_id(model: torch.nn.Module) -> str:
-    """Return ``base_fingerprint(model)``, reused while no parameter changed or was (un)frozen."""
+    """Return ``base_fingerprint(model)``, reused while no frozen parameter changed or was (un)frozen."""
+    # Trainable parameters are left out of the fingerprint, so their version counters are left
+    # out too. Otherwise every optimizer step of decoder-only training would recompute it.
     versions = tuple(
-        (name, id(parameter), parameter._version, parameter.dtype, parameter.requires_grad)
+        (name, id(parameter), None if parameter.requires_grad else parameter._version, parameter.dtype)
         for name, parameter in sorted(model.named_parameters())
     )
     cached = _BASE_IDS.get(model)
@@ -164,16 +189,38 @@ def embedding_key(
         image: the raw image as given to ``Predictor.set_image``.
         model: a Segmenter.
         intensity: the mapping to 0–255 applied before the model transform.
-        precision: "fp32" or "bf16".
+        precision: the precision the encoder runs in: "fp32", "bf16" or "fp16".
         checkpoint_id: identity of the base weights, such as the SHA-256 of the
             checkpoint file; default ``fmadapt.runs.base_fingerprint(model)``.
     """
+    return embedding_key_from_digest(
+        image_digest(image), model, intensity=intensity, precision=precision, checkpoint_id=checkpoint_id
+    )
+
+
+def embedding_key_from_digest(
+    image_sha256: str,
+    model: torch.nn.Module,
+    *,
+    intensity: IntensitySpec,
+    precision: str,
+    checkpoint_id: str | None = None,
+) -> CacheKey:
+    """Build the cache key of ``model``'s embedding of the image whose ``image_digest`` is ``image_sha256``.
+
+    For callers that hash each image once and look it up many times, such as training on
+    a fixed set of slices. The other arguments are those of ``embedding_key``.
+    """
+    if not isinstance(image_sha256, str) or len(image_sha256) != 64:
+        raise ValueError(f"image_sha256 must be the 64-character hex digest from image_digest, got {image_sha256!r}")
     if not isinstance(intensity, IntensitySpec):
         raise TypeError(f"intensity must be an IntensitySpec, got {type(intensity).__name__}")
+    if precision not in ENCODER_PRECISIONS:
+        raise ValueError(f"precision must be one of {list(ENCODER_PRECISIONS)}, got {precision!r}")
     if checkpoint_id is not None and (not isinstance(checkpoint_id, str) or not checkpoint_id):
         raise ValueError(f"checkpoint_id must be a non-empty str or None, got {checkpoint_id!r}")
     return CacheKey(
-        image_sha256=image_digest(image),
+        image_sha256=image_sha256,
         model_name=model.spec.name,
         image_size=int(model.image_size),
         checkpoint_id=checkpoint_id or _base_id(model),
@@ -270,6 +317,22 @@ class EmbeddingCache:
             path.unlink(missing_ok=True)
             removed += 1
         return removed
+
+
+def open_embedding_cache(folder: str | None, recipe_key: str) -> EmbeddingCache | None:
+    """Open the cache folder that a recipe key names, after expanding ``$VARIABLES``.
+
+    Returns None when ``folder`` is None, which turns caching off.
+
+    Raises:
+        RecipeError: ``folder`` is empty or names an unset environment variable; the
+            message names ``recipe_key``.
+    """
+    if folder is None:
+        return None
+    if not isinstance(folder, str) or not folder.strip():
+        raise RecipeError(f"recipe key '{recipe_key}' is {folder!r}; set it to a folder path, or null to turn caching off")
+    return EmbeddingCache(expand_path(folder, recipe_key))
 
 
 def _check_key(key: object) -> None:

@@ -12,15 +12,49 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fmadapt.data.intensity import IntensitySpec
 from fmadapt.data.layout import to_hwc
+from fmadapt.inference.cache import EmbeddingCache, embedding_key
+
+
+# The images these functions take are already on the 0–255 scale, so their cache keys name
+# the mapping that leaves values unchanged.
+SCALED_INTENSITY = IntensitySpec(mode="none")
 
 
 @torch.inference_mode()
-def embed_image(segmenter, image: np.ndarray) -> torch.Tensor:
-    """Encode one H×W or H×W×3 image on a 0–255 scale; returns the 1×E×h×w embedding."""
-    tensor = segmenter.transform.image_to_tensor(to_hwc(image))
+def embed_image(segmenter, image: np.ndarray, cache: EmbeddingCache | None = None) -> torch.Tensor:
+    """Encode one H×W or H×W×3 image on a 0–255 scale; returns the 1×E×h×w embedding on the model's device.
+
+    With ``cache``, an embedding stored for the same image content, model weights,
+    preprocessing and precision is loaded instead of running the encoder, and a newly
+    computed one is stored. The precision is fp32 unless the caller runs this under
+    autocast. Outside autocast the key is the one ``Predictor(intensity=
+    IntensitySpec(mode="none"))`` builds, so both share entries.
+    """
     device = next(segmenter.parameters()).device
-    return segmenter.encode(tensor.unsqueeze(0).to(device))
+
+    def encode() -> torch.Tensor:
+        tensor = segmenter.transform.image_to_tensor(to_hwc(image))
+        return segmenter.encode(tensor.unsqueeze(0).to(device))
+
+    if cache is None:
+        return encode()
+    precision = autocast_precision(device)
+    key = embedding_key(np.asarray(image), segmenter, intensity=SCALED_INTENSITY, precision=precision)
+    return cache.get_or_compute(key, encode).to(device)
+
+
+def autocast_precision(device: torch.device) -> str:
+    """Return the precision an encoder runs in on ``device`` here: "fp32", or "bf16"/"fp16" under autocast."""
+    if not torch.is_autocast_enabled(device.type):
+        return "fp32"
+    dtype = torch.get_autocast_dtype(device.type)
+    if dtype == torch.bfloat16:
+        return "bf16"
+    if dtype == torch.float16:
+        return "fp16"
+    raise ValueError(f"autocast to {dtype} on {device.type} has no cache precision name; use bfloat16 or float16")
 
 
 def logits_to_label_map(logits: torch.Tensor) -> np.ndarray:

@@ -150,6 +150,29 @@ class Predictor:
         self._embedding = embedding.to(self.device)
         self._original_size = (int(hwc.shape[0]), int(hwc.shape[1]))
 
+    @property
+    def embedding(self) -> torch.Tensor | None:
+        """1×E×h×w embedding of the current image, or None before ``set_image``."""
+        return self._embedding
+
+    def set_embedding(self, embedding: torch.Tensor, original_size: tuple[int, int]) -> None:
+        """Make ``embedding`` the current image's, as if ``set_image`` had computed it.
+
+        For callers that keep the ``embedding`` of an earlier ``set_image`` with this model
+        and settings, so an image that comes back is not encoded again.
+
+        Args:
+            embedding: 1×E×h×w tensor, the ``embedding`` property after ``set_image``.
+            original_size: (H, W) of that image in pixels, the ``original_size`` property.
+        """
+        if not isinstance(embedding, torch.Tensor) or embedding.ndim != 4 or embedding.shape[0] != 1:
+            shape = tuple(embedding.shape) if isinstance(embedding, torch.Tensor) else type(embedding).__name__
+            raise ValueError(f"embedding must be a 1×E×h×w tensor from Predictor.embedding, got {shape}")
+        if len(original_size) != 2 or any(int(side) < 1 for side in original_size):
+            raise ValueError(f"original_size must be (H, W) in pixels, both >= 1, got {original_size!r}")
+        self._embedding = embedding.to(self.device)
+        self._original_size = (int(original_size[0]), int(original_size[1]))
+
     def _encode(self, hwc: np.ndarray) -> torch.Tensor:
         scaled = normalize_intensity(hwc, self.intensity)
         model_input = self.model.transform.image_to_tensor(scaled).unsqueeze(0).to(self.device)

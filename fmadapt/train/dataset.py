@@ -9,6 +9,7 @@ from torch.utils.data import Dataset
 from fmadapt.data.layout import to_hwc
 from fmadapt.data.prompts import box_from_mask, jitter_box
 from fmadapt.data.transforms import ImageTransform
+from fmadapt.inference.cache import image_digest
 from fmadapt.train.augment import AugmentSettings, augment_sample
 from fmadapt.train.samples import SliceSample
 
@@ -26,6 +27,9 @@ class PromptedSliceDataset(Dataset):
         ``targets``: C×h×w float32 binary class masks at the decoder's output size.
         ``boxes``: C×4 float32 XYXY boxes in the model frame (zeros where absent).
         ``present``: C bool, True where the class has foreground.
+        ``image_sha256``: only with ``image_digests=True``, the
+            :func:`fmadapt.inference.cache.image_digest` of the (augmented) image before
+            the model transform, the key of its cached embedding.
     """
 
     def __init__(
@@ -37,19 +41,22 @@ class PromptedSliceDataset(Dataset):
         box_jitter: float,
         seed: int,
         augment: AugmentSettings | None = None,
+        image_digests: bool = False,
     ) -> None:
         self.samples = samples
         self.transform = transform
         self.num_classes = num_classes
         self.box_jitter = box_jitter
         self.augment = augment
+        self.image_digests = image_digests
         self.rng = np.random.default_rng(seed)
         self.low_res = transform.image_size // 4
         self.prepared = None if augment else [self._prepare(s.image, s.label) for s in samples]
 
     def _prepare(self, image: np.ndarray, label: np.ndarray) -> tuple:
         tensor = self.transform.image_to_tensor(to_hwc(image))
-        return tensor, self._targets(label, self.low_res), self._boxes(label), label.shape[:2]
+        digest = image_digest(image) if self.image_digests else None
+        return tensor, self._targets(label, self.low_res), self._boxes(label), label.shape[:2], digest
 
     def _targets(self, label: np.ndarray, low_res: int) -> torch.Tensor:
         classes = np.arange(1, self.num_classes + 1)[:, None, None]
@@ -68,11 +75,11 @@ class PromptedSliceDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if self.prepared is not None:
-            image, targets, class_boxes, original_size = self.prepared[index]
+            image, targets, class_boxes, original_size, digest = self.prepared[index]
         else:
             sample = self.samples[index]
             augmented = augment_sample(sample.image, sample.label, self.augment, self.rng)
-            image, targets, class_boxes, original_size = self._prepare(*augmented)
+            image, targets, class_boxes, original_size, digest = self._prepare(*augmented)
         boxes = np.zeros((self.num_classes, 4), dtype=np.float32)
         present = np.zeros(self.num_classes, dtype=bool)
         for c, box in enumerate(class_boxes):
@@ -83,9 +90,12 @@ class PromptedSliceDataset(Dataset):
             boxes[c] = box
             present[c] = True
         model_boxes = self.transform.boxes_to_model(boxes, original_size)
-        return {
+        item = {
             "images": image,
             "targets": targets,
             "boxes": torch.as_tensor(model_boxes, dtype=torch.float32),
             "present": torch.from_numpy(present),
         }
+        if digest is not None:
+            item["image_sha256"] = digest
+        return item

@@ -27,6 +27,7 @@ from fmadapt.adapt.trained_file import save_trained_parameters
 from fmadapt.config import Recipe, load_recipe, resolve_data_root, save_recipe
 from fmadapt.data.datasets import DatasetInfo, read_dataset
 from fmadapt.evaluate.metrics import dice
+from fmadapt.inference.cache import EmbeddingCache
 from fmadapt.inference.label_maps import class_logits_automatic, class_logits_from_boxes, embed_image
 from fmadapt.data.prompts import box_from_mask
 from fmadapt.data.slices import foreground_slices
@@ -40,6 +41,7 @@ from fmadapt.train.checkpointing import (
     save_training_state,
 )
 from fmadapt.train.dataset import PromptedSliceDataset
+from fmadapt.train.embedding_cache import TrainingEmbeddings, open_training_cache
 from fmadapt.train.objective import FewShotObjective
 from fmadapt.train.samples import (
     SliceSample,
@@ -94,12 +96,18 @@ def validation_samples(info: DatasetInfo, plan: SplitPlan, recipe: Recipe, label
     return samples
 
 
-def validate(segmenter, samples: list[SliceSample], num_classes: int, modes: list[str]) -> dict[str, float]:
-    """Mean 2D Dice over validation slices and present classes, per mode (boxes without jitter)."""
+def validate(
+    segmenter, samples: list[SliceSample], num_classes: int, modes: list[str], cache: EmbeddingCache | None = None
+) -> dict[str, float]:
+    """Mean 2D Dice over validation slices and present classes, per mode (boxes without jitter).
+
+    With ``cache`` (decoder-only training), the embeddings of the slices are read from it
+    after the first epoch.
+    """
     scores: dict[str, list[float]] = {mode: [] for mode in modes}
     segmenter.eval()
     for sample in samples:
-        embedding = embed_image(segmenter, sample.image)
+        embedding = embed_image(segmenter, sample.image, cache)
         size = sample.label.shape[:2]
         boxes = {c: box_from_mask(sample.label == c) for c in range(1, num_classes + 1)}
         boxes = {c: box for c, box in boxes.items() if box is not None}
@@ -198,6 +206,11 @@ def train(recipe: Recipe, output: str | Path | None = None, *, resume: bool = Fa
     After each epoch the training state goes to ``checkpoint/``; ``resume=True`` continues
     an interrupted run from there with the same data order, optimizer and scheduler state.
     The checkpoint folder is removed once the trained parameters are saved.
+
+    With ``train.cache_dir`` and a frozen encoder, training and validation images are encoded
+    once and their embeddings read back from that folder. Each epoch's history record then
+    has ``embedding_cache_hits``, ``embedding_cache_misses`` and ``embedding_cache_hit_rate``
+    of the training images (see :mod:`fmadapt.train.embedding_cache`).
     """
     accelerator = make_accelerator(recipe)
     if accelerator.num_processes > 1 and accelerator.is_main_process:
@@ -208,8 +221,11 @@ def train(recipe: Recipe, output: str | Path | None = None, *, resume: bool = Fa
         )
     set_seed(recipe.seed)
     root = resolve_data_root(recipe)
-    # Checked before the run folder is written, so a wrong path leaves nothing behind.
+    # Checked before the run folder is written, so a wrong path or a cache setting that
+    # cannot work with the preset leaves nothing behind.
     check_checkpoint_paths(recipe)
+    model = build_model(recipe)
+    cache = open_training_cache(recipe, model)
     run_dir = prepare_run_dir(recipe, output, resume)
 
     info = read_dataset(root)
@@ -222,7 +238,6 @@ def train(recipe: Recipe, output: str | Path | None = None, *, resume: bool = Fa
         counts = {name: len(cases) for name, cases in plan.cases.items()}
         logger.info("run folder %s; cases per split %s (listed in %s)", run_dir, counts, SPLIT_FILE)
 
-    model = build_model(recipe)
     if recipe.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if accelerator.is_main_process:
@@ -236,13 +251,15 @@ def train(recipe: Recipe, output: str | Path | None = None, *, resume: bool = Fa
         box_jitter=recipe.train.box_jitter,
         seed=recipe.seed,
         augment=AugmentSettings(crop_scale=tuple(recipe.train.crop_scale)) if recipe.train.augment else None,
+        image_digests=cache is not None,
     )
     num_samples = recipe.train.steps_per_epoch * recipe.train.batch_size * accelerator.num_processes
     generator = torch.Generator()
     sampler = RandomSampler(dataset, replacement=True, num_samples=num_samples, generator=generator)
     loader = DataLoader(dataset, batch_size=recipe.train.batch_size, sampler=sampler)
 
-    objective = FewShotObjective(model, recipe.train.modes, recipe.train.iou_loss_weight)
+    embeddings = TrainingEmbeddings(cache) if cache is not None else None
+    objective = FewShotObjective(model, recipe.train.modes, recipe.train.iou_loss_weight, embeddings)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=recipe.train.learning_rate, weight_decay=recipe.train.weight_decay)
     scheduler = make_scheduler(optimizer, recipe)
@@ -258,9 +275,11 @@ def train(recipe: Recipe, output: str | Path | None = None, *, resume: bool = Fa
         generator.manual_seed(recipe.seed + epoch)
         dataset.reseed(recipe.seed, accelerator.process_index, epoch)
         record = _train_epoch(accelerator, objective, optimizer, scheduler, loader, epoch, recipe)
+        if embeddings is not None:
+            record.update(_cache_counts(accelerator, embeddings))
         if accelerator.is_main_process and validation:
             segmenter = accelerator.unwrap_model(objective).segmenter
-            record.update(validate(segmenter, validation, num_classes, recipe.train.modes))
+            record.update(validate(segmenter, validation, num_classes, recipe.train.modes, cache))
         history.append(record)
         if accelerator.is_main_process:
             logger.info("epoch %d: %s", epoch + 1, _format(record))
@@ -303,6 +322,14 @@ def _train_epoch(accelerator: Accelerator, objective, optimizer, scheduler, load
     record = {"epoch": epoch + 1, "steps": steps, "learning_rate": scheduler.get_last_lr()[0]}
     record.update({name if name == "loss" else f"loss_{name}": total / max(steps, 1) for name, total in totals.items()})
     return record
+
+
+def _cache_counts(accelerator: Accelerator, embeddings: TrainingEmbeddings) -> dict:
+    """Embedding cache hits, misses and hit rate of the epoch's training images, summed over processes."""
+    counts = torch.tensor(embeddings.take_counts(), dtype=torch.int64, device=accelerator.device)
+    hits, misses = (int(value) for value in accelerator.reduce(counts, reduction="sum"))
+    rate = hits / (hits + misses) if hits + misses else float("nan")
+    return {"embedding_cache_hits": hits, "embedding_cache_misses": misses, "embedding_cache_hit_rate": rate}
 
 
 def _trained_config(recipe: Recipe, plan: SplitPlan) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fmadapt.train.embedding_cache import TrainingEmbeddings
 from fmadapt.train.losses import dice_bce_loss, iou_head_loss
 
 
@@ -22,14 +23,26 @@ class FewShotObjective(nn.Module):
     after encoding all images together.
     """
 
-    def __init__(self, segmenter: nn.Module, modes: list[str], iou_loss_weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        segmenter: nn.Module,
+        modes: list[str],
+        iou_loss_weight: float = 1.0,
+        embeddings: TrainingEmbeddings | None = None,
+    ) -> None:
         super().__init__()
         self.segmenter = segmenter
         self.modes = tuple(modes)
         self.iou_loss_weight = iou_loss_weight
+        self.embeddings = embeddings
 
     def forward(
-        self, images: torch.Tensor, targets: torch.Tensor, boxes: torch.Tensor, present: torch.Tensor
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        boxes: torch.Tensor,
+        present: torch.Tensor,
+        image_sha256: list[str] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Return the losses of a batch.
 
@@ -38,15 +51,27 @@ class FewShotObjective(nn.Module):
             targets: B×C×h×w binary class masks at the decoder's output size (h = w = S/4).
             boxes: B×C×4 XYXY boxes in the model frame; rows of absent classes are ignored.
             present: B×C bool, True where the class has foreground in the image.
+            image_sha256: B image digests (the dataset's ``image_sha256``). They are required
+                when the objective has ``embeddings``, which then reads the embeddings of a
+                frozen encoder from its cache and encodes only the images it misses.
 
         Returns:
             ``loss`` (the sum that is back-propagated) and its parts ``prompted``,
             ``automatic`` and ``iou`` (zero for a mode that is off).
         """
-        embeddings = self.segmenter.encode(images)
+        if self.embeddings is None:
+            embeddings = self.segmenter.encode(images)
+        elif image_sha256 is None:
+            raise ValueError(
+                "FewShotObjective has an embedding cache but the batch has no image_sha256; build the "
+                "PromptedSliceDataset with image_digests=True"
+            )
+        else:
+            embeddings = self.embeddings.embed(self.segmenter, images, image_sha256)
         zero = embeddings.sum() * 0.0
         prompted, automatic, iou = zero, zero, zero
-        for b in range(images.shape[0]):
+        batch = embeddings.shape[0]
+        for b in range(batch):
             embedding = embeddings[b : b + 1]
             if "prompted" in self.modes and bool(present[b].any()):
                 classes = present[b].nonzero().squeeze(1)
@@ -62,7 +87,6 @@ class FewShotObjective(nn.Module):
                 if bool(present[b].any()):
                     mask = present[b]
                     iou = iou + iou_head_loss(predicted_iou[mask], logits[mask], targets[b, mask])
-        batch = images.shape[0]
         prompted, automatic, iou = prompted / batch, automatic / batch, iou / batch
         loss = prompted + automatic + self.iou_loss_weight * iou
         return {"loss": loss, "prompted": prompted.detach(), "automatic": automatic.detach(), "iou": iou.detach()}
