@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fmadapt.data.layout import to_hwc
 from fmadapt.data.transforms import (
@@ -124,6 +125,28 @@ def test_sam_masks_to_original_crops_padding():
     assert full.shape == (2, 1, 20, 40)
     # Only the image area is kept, so no padding logit reaches the bottom rows.
     assert (full[..., :15, :] > 0).all()
+
+
+@pytest.mark.parametrize(
+    "original_size",
+    [(1070, 1348), (1348, 1070), (1024, 1024), (512, 512), (37, 1500)],
+    ids=["landscape", "portrait", "no-resize", "upsample", "thin"],
+)
+def test_sam_masks_to_original_equals_three_steps(original_size):
+    # segment-anything's postprocess_masks, step by step: to S×S, crop, to H×W.
+    transform = ImageTransform(SAM_PREPROCESS, 1024)
+    low_res = torch.randn(3, 256, 256, generator=torch.Generator().manual_seed(0)) * 8
+    height, width = original_size
+    new_height, new_width = transform.model_size(original_size)
+    expected = F.interpolate(low_res[None], (1024, 1024), mode="bilinear", align_corners=False)
+    expected = expected[..., :new_height, :new_width]
+    expected = F.interpolate(expected, (height, width), mode="bilinear", align_corners=False)[0]
+
+    full = transform.masks_to_original(low_res, original_size)
+    assert full.shape == (3, height, width)
+    # Logits reach about ±30 here; float32 rounding of either path stays below 1e-3.
+    torch.testing.assert_close(full, expected, atol=1e-3, rtol=1e-4)
+    assert ((full > 0) == (expected > 0)).float().mean().item() > 0.99999
 
 
 def test_medsam_masks_to_original_one_step():

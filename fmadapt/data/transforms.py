@@ -7,6 +7,7 @@ gives it (H×W pixels). The *model frame* is the S×S square the encoder takes a
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Literal, TypeVar
@@ -221,12 +222,14 @@ class ImageTransform:
         return _scale_xy(boxes, self._xy_scale(original_size), "boxes", 4, inverse=True)
 
     def masks_to_original(self, low_res_logits: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
-        """Resize decoder logits (..., h, w) to the original image, (..., H, W).
+        """Resize decoder logits (..., h, w) to the original image, (..., H, W), in one pass.
 
-        ``"longest_side"``: upsample to S×S, crop the padding away and resize to H×W,
-        the same three steps as segment-anything's ``Sam.postprocess_masks`` (the last
-        step is skipped when the crop is already H×W). ``"square"``: one bilinear resize
-        straight to H×W, as MedSAM's inference script does.
+        ``"longest_side"``: the result equals segment-anything's ``Sam.postprocess_masks``
+        (bilinear upsampling to S×S, cropping the padding away, bilinear resizing to H×W)
+        up to float rounding, but no S×S mask is formed. Each of those steps is a linear map
+        along each axis, so their product is one H×h matrix for the rows and one W×w matrix
+        for the columns, and the logits are resized by two matrix products. ``"square"``:
+        one bilinear resize straight to H×W, as MedSAM's inference script does.
         """
         height, width = _check_original_size(original_size)
         logits, leading = _as_image_batch(low_res_logits, "low_res_logits")
@@ -234,13 +237,13 @@ class ImageTransform:
             logits = F.interpolate(logits, (height, width), mode="bilinear", align_corners=False)
             return logits.reshape(*leading, height, width)
 
-        side = self.image_size
-        logits = F.interpolate(logits, (side, side), mode="bilinear", align_corners=False)
+        low_height, low_width = logits.shape[-2:]
         new_height, new_width = self.model_size((height, width))
-        logits = logits[..., :new_height, :new_width]
-        if (new_height, new_width) != (height, width):
-            logits = F.interpolate(logits, (height, width), mode="bilinear", align_corners=False)
-        return logits.reshape(*leading, height, width)
+        rows = _sam_resize_matrix(low_height, self.image_size, new_height, height).to(logits.device)
+        columns = _sam_resize_matrix(low_width, self.image_size, new_width, width).to(logits.device)
+        # (H×h) @ (N×h×w) @ (w×W): rows first, because h×w is the smaller side of the product.
+        resized = rows @ logits[0] @ columns.T
+        return resized.reshape(*leading, height, width)
 
     def masks_to_low_res(self, mask: torch.Tensor, low_res_size: int | tuple[int, int]) -> torch.Tensor:
         """Resize masks (..., H, W) in the original frame to the decoder's output size.
@@ -287,6 +290,30 @@ def _resize(values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if size[0] <= height and size[1] <= width:
         return F.interpolate(values, size, mode="area")
     return F.interpolate(values, size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def _linear_resize_matrix(size_in: int, size_out: int) -> torch.Tensor:
+    """Return the size_out×size_in matrix of torch's 1-D linear resize (align_corners=False).
+
+    Built by resizing the identity, so its weights are torch's own, including the clamping
+    at the borders; bilinear resizing of an image applies it to rows and columns alike.
+    """
+    identity = torch.eye(size_in, dtype=torch.float64).unsqueeze(0)
+    return F.interpolate(identity, size_out, mode="linear", align_corners=False)[0].T
+
+
+@functools.lru_cache(maxsize=32)
+def _sam_resize_matrix(low_res: int, model_size: int, resized: int, original: int) -> torch.Tensor:
+    """Return the original×low_res float32 matrix of SAM's three steps along one axis.
+
+    The steps: linear upsampling from ``low_res`` to ``model_size`` (the S×S frame),
+    keeping the first ``resized`` entries (the image without its padding), and linear
+    resizing to ``original``. The last step is the identity when ``resized == original``.
+    """
+    to_model = _linear_resize_matrix(low_res, model_size)[:resized]
+    if resized != original:
+        to_model = _linear_resize_matrix(resized, original) @ to_model
+    return to_model.float()
 
 
 def _as_image_batch(values: torch.Tensor, name: str) -> tuple[torch.Tensor, tuple[int, ...]]:
