@@ -241,7 +241,7 @@ class ImageTransform:
         new_height, new_width = self.model_size((height, width))
         rows = _sam_resize_matrix(low_height, self.image_size, new_height, height).to(logits.device)
         columns = _sam_resize_matrix(low_width, self.image_size, new_width, width).to(logits.device)
-        # (H×h) @ (N×h×w) @ (w×W): rows first, because h×w is the smaller side of the product.
+        # (H×h) @ (N×h×w) @ (w×W) gives N×H×W.
         resized = rows @ logits[0] @ columns.T
         return resized.reshape(*leading, height, width)
 
