@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from segment_anything.modeling.image_encoder import Attention, add_decomposed_rel_pos
+from conftest import require_dataset
 from tiny_checkpoints import save_tiny_checkpoint
 
 from fmadapt.adapt.adapters import AdapterSettings, apply_adapters
@@ -206,6 +207,38 @@ def test_bf16_masks_agree_with_fp32(checkpoint):
         overlap = np.logical_and(masks[row], expected[row]).sum()
         dice = 2 * overlap / max(masks[row].sum() + expected[row].sum(), 1)
         assert dice > 0.95, f"box {row}: Dice {dice:.3f} between bf16 and fp32 masks"
+
+
+def test_bf16_masks_agree_with_fp32_on_kvasir(checkpoint, data_root):
+    """bf16 encoder and decoder against the fp32 path, on real photos at 256 px."""
+    from fmadapt.data.io import read_image, read_mask
+
+    folder = require_dataset(data_root, "2D_KvasirSEG_polyp")
+    model = _model(checkpoint, size=256)
+    reference = Predictor(model, precision="fp32")
+    fast_model = _model(checkpoint, size=256)
+    fast_model.enable_fused_attention()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FmadaptWarning)
+        fast = Predictor(fast_model, precision="bf16")
+
+    for image_path in sorted((folder / "images").glob("*.jpg"))[:3]:
+        image = read_image(image_path).array
+        polyp = read_mask(folder / "masks" / image_path.name, threshold=128).array
+        rows, cols = np.nonzero(polyp)
+        box = np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], dtype=np.float32)
+        reference.set_image(image)
+        fast.set_image(image)
+        expected, _, _ = reference.predict(box=box, multimask_output=False)
+        masks, scores, low_res = fast.predict(box=box, multimask_output=False)
+
+        assert scores.dtype == np.float32
+        assert low_res.dtype == np.float32
+        overlap = np.logical_and(masks[0], expected[0]).sum()
+        dice = 2 * overlap / max(masks[0].sum() + expected[0].sum(), 1)
+        assert dice >= 0.98, f"{image_path.name}: Dice {dice:.4f} between bf16 and fp32 masks"
+    # The decoder ran on bf16 copies; the model's own weights stay float32.
+    assert all(p.dtype == torch.float32 for p in fast_model.mask_decoder.parameters())
 
 
 def test_resolve_precision():

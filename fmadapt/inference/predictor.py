@@ -91,10 +91,10 @@ class Predictor:
         model: the Segmenter; its ``transform`` prepares images and maps prompts.
         intensity: how raw values map to 0–255 before the model transform; default
             ``IntensitySpec()`` ("auto": uint8 unchanged, other dtypes by percentiles).
-        precision: "fp32", "bf16" (encoder under bfloat16 autocast) or "auto" (bf16
-            where ``bf16_is_native``). The embedding is cast back to float32, and the
-            decoder always runs in float32. Fused attention is a separate switch,
-            ``model.enable_fused_attention()``.
+        precision: "fp32", "bf16" (encoder under bfloat16 autocast, mask decoder with
+            bfloat16 weights) or "auto" (bf16 where ``bf16_is_native``). The embedding,
+            logits and scores are returned as float32. Fused attention is a separate
+            switch, ``model.enable_fused_attention()``.
         cache: an EmbeddingCache; ``set_image`` then reads the embedding from it when
             the image, weights, preprocessing, intensity and precision match a stored one.
     """
@@ -230,6 +230,7 @@ class Predictor:
                 point_labels=labels,
                 mask_input=masks_low,
                 multimask_output=multimask_output,
+                decoder_dtype=torch.bfloat16 if self.precision == "bf16" else None,
             )
             full = self.model.transform.masks_to_original(low_res, self._original_size)
 

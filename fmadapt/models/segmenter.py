@@ -274,6 +274,7 @@ class Segmenter(nn.Module):
         point_labels: torch.Tensor | None = None,
         mask_input: torch.Tensor | None = None,
         multimask_output: bool = False,
+        decoder_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode P prompts on one image in a single decoder call.
 
@@ -285,6 +286,9 @@ class Segmenter(nn.Module):
             mask_input: P×1×(S/4)×(S/4) logits from an earlier call (1×1×… is shared by
                 all P prompts).
             multimask_output: K = 3 masks per prompt when true, else K = 1.
+            decoder_dtype: run the mask decoder with its weights and inputs cast to this
+                dtype (for inference, e.g. torch.bfloat16), and return float32 outputs.
+                The module's own weights are not changed. None runs it as it is.
 
         Returns:
             Mask logits P×K×(S/4)×(S/4) and predicted IoU P×K.
@@ -300,13 +304,26 @@ class Segmenter(nn.Module):
             mask_input = mask_input.to(image_embedding.dtype).expand(count, -1, -1, -1)
 
         sparse, dense = self.prompt_encoder(points=point_pair, boxes=boxes, masks=mask_input)
-        return self.mask_decoder(
-            image_embeddings=image_embedding[:, : self.prompt_embed_dim],
-            image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
-        )
+        inputs = {
+            "image_embeddings": image_embedding[:, : self.prompt_embed_dim],
+            "image_pe": self.prompt_encoder.get_dense_pe(),
+            "sparse_prompt_embeddings": sparse,
+            "dense_prompt_embeddings": dense,
+        }
+        if decoder_dtype is None:
+            return self.mask_decoder(**inputs, multimask_output=multimask_output)
+
+        # The decoder's cost is mostly elementwise work on P copies of the image tokens, so
+        # a narrower dtype halves the memory traffic. Casting a copy of the weights per call
+        # (a few million values) keeps the module itself in float32 for training.
+        weights = {
+            name: value.to(decoder_dtype) if value.is_floating_point() else value
+            for name, value in [*self.mask_decoder.named_parameters(), *self.mask_decoder.named_buffers()]
+        }
+        cast_inputs = {name: value.to(decoder_dtype) for name, value in inputs.items()}
+        cast_inputs["multimask_output"] = multimask_output
+        logits, iou = torch.func.functional_call(self.mask_decoder, weights, (), cast_inputs)
+        return logits.float(), iou.float()
 
     def decode_classes(self, image_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode one mask per class without user prompts (automatic mode).
