@@ -7,10 +7,13 @@ upsampling to the original size are timed. Boxes are seeded random XYXY boxes in
 the image, one mask each (``multimask_output=False``).
 
 Reported, each against a reference measured in the same run:
-- 1 box: ``Predictor.predict`` against ``SamPredictor.predict``;
-- 64 boxes: one batched ``Predictor.predict`` call against 64 ``SamPredictor.predict``
-  calls (one per box) and against one batched ``SamPredictor.predict_torch`` call;
-- the fraction of pixels where the 64 fmadapt masks equal SamPredictor's.
+- 1 box: ``Predictor.predict`` (fp32 and bf16) against ``SamPredictor.predict``;
+- 64 boxes: one ``Predictor.predict`` call (fp32 and bf16, default ``decoder_batch_size``)
+  against 64 ``SamPredictor.predict`` calls (one per box) and against one batched
+  ``SamPredictor.predict_torch`` call;
+- the same 64-box call for each ``--batch-sizes`` value of ``decoder_batch_size``;
+- the fraction of pixels where the fp32 masks equal SamPredictor's, and the Dice of each
+  bf16 mask against SamPredictor's.
 
 Usage:
     FMADAPT_DATA=../shared/data python benchmarks/decode_speed.py --repetitions 3
@@ -58,7 +61,7 @@ def reference_batched(reference: SamPredictor, boxes: np.ndarray, original_size:
     return masks[:, 0].numpy()
 
 
-def run(data_root: Path, repetitions: int, prompt_count: int, folder: Path) -> dict[str, object]:
+def run(data_root: Path, repetitions: int, prompt_count: int, folder: Path, batch_sizes: list[int]) -> dict[str, object]:
     checkpoint = folder / "sam_vit_b_random.pth"
     reference = SamPredictor(save_random_vit_b(checkpoint))
     model = Segmenter.from_registry("sam_vit_b", checkpoint=checkpoint).eval()
@@ -67,58 +70,89 @@ def run(data_root: Path, repetitions: int, prompt_count: int, folder: Path) -> d
     image, _ = load_kvasir_cases(data_root, 1)[0]
     height, width = image.shape[:2]
     reference.set_image(image)
+    # The embedding is computed once in fp32 and shared, so every path decodes the same one.
     Predictor(model, cache=cache).set_image(image)
-    predictor = Predictor(model, cache=cache)
-    predictor.set_image(image)
+    embedding = Predictor(model, cache=cache)
+    embedding.set_image(image)
     if cache.hits != 1:
         raise RuntimeError(f"expected the second set_image to read the cache, got {cache!r}")
+    shared_embedding, original_size = embedding.embedding, embedding.original_size
 
+    def predictor_for(precision: str, batch_size: int | None = None) -> Predictor:
+        predictor = Predictor(model, precision=precision, decoder_batch_size=batch_size)
+        predictor.set_embedding(shared_embedding, original_size)
+        return predictor
+
+    fp32, bf16 = predictor_for("fp32"), predictor_for("bf16")
     boxes = random_boxes(prompt_count, height, width)
     first_box = boxes[0]
+    batch_name = f"{prompt_count}_boxes"
     timings = {
         "one_box_segment_anything_predict": median_seconds(
             lambda: reference.predict(box=first_box, multimask_output=False), repetitions
         ),
-        "one_box_fmadapt": median_seconds(lambda: predictor.predict(box=first_box, multimask_output=False), repetitions),
-        f"{prompt_count}_boxes_segment_anything_predict_each": median_seconds(
+        "one_box_fmadapt_fp32": median_seconds(lambda: fp32.predict(box=first_box, multimask_output=False), repetitions),
+        "one_box_fmadapt_bf16": median_seconds(lambda: bf16.predict(box=first_box, multimask_output=False), repetitions),
+        f"{batch_name}_segment_anything_predict_each": median_seconds(
             lambda: reference_one_by_one(reference, boxes), repetitions
         ),
-        f"{prompt_count}_boxes_segment_anything_predict_torch": median_seconds(
+        f"{batch_name}_segment_anything_predict_torch": median_seconds(
             lambda: reference_batched(reference, boxes, (height, width)), repetitions
         ),
-        f"{prompt_count}_boxes_fmadapt": median_seconds(
-            lambda: predictor.predict(box=boxes, multimask_output=False), repetitions
-        ),
+        f"{batch_name}_fmadapt_fp32": median_seconds(lambda: fp32.predict(box=boxes, multimask_output=False), repetitions),
+        f"{batch_name}_fmadapt_bf16": median_seconds(lambda: bf16.predict(box=boxes, multimask_output=False), repetitions),
     }
+    per_batch_size = {}
+    for precision in ("fp32", "bf16"):
+        for batch_size in batch_sizes:
+            predictor = predictor_for(precision, batch_size)
+            per_batch_size[f"{precision}_{batch_size}"] = median_seconds(
+                lambda: predictor.predict(box=boxes, multimask_output=False), repetitions
+            )
 
-    masks = predictor.predict(box=boxes, multimask_output=False)[0][:, 0]
     expected = reference_one_by_one(reference, boxes)
-    batch_name = f"{prompt_count}_boxes"
+    fp32_masks = fp32.predict(box=boxes, multimask_output=False)[0][:, 0]
+    bf16_masks = bf16.predict(box=boxes, multimask_output=False)[0][:, 0]
+    each = timings[f"{batch_name}_segment_anything_predict_each"]
+    batched = timings[f"{batch_name}_segment_anything_predict_torch"]
     return {
         "machine": machine_description(),
         "image_shape": list(image.shape),
         "repetitions": repetitions,
         "median_seconds": timings,
+        "median_seconds_by_decoder_batch_size": per_batch_size,
         "speedup": {
-            "one_box_vs_predict": timings["one_box_segment_anything_predict"] / timings["one_box_fmadapt"],
-            f"{batch_name}_vs_predict_each": timings[f"{batch_name}_segment_anything_predict_each"] / timings[f"{batch_name}_fmadapt"],
-            f"{batch_name}_vs_predict_torch": timings[f"{batch_name}_segment_anything_predict_torch"] / timings[f"{batch_name}_fmadapt"],
+            "one_box_fp32_vs_predict": timings["one_box_segment_anything_predict"] / timings["one_box_fmadapt_fp32"],
+            "one_box_bf16_vs_predict": timings["one_box_segment_anything_predict"] / timings["one_box_fmadapt_bf16"],
+            f"{batch_name}_fp32_vs_predict_each": each / timings[f"{batch_name}_fmadapt_fp32"],
+            f"{batch_name}_bf16_vs_predict_each": each / timings[f"{batch_name}_fmadapt_bf16"],
+            f"{batch_name}_fp32_vs_predict_torch": batched / timings[f"{batch_name}_fmadapt_fp32"],
+            f"{batch_name}_bf16_vs_predict_torch": batched / timings[f"{batch_name}_fmadapt_bf16"],
         },
-        "mask_pixel_agreement": float((masks == expected).mean()),
+        "mask_pixel_agreement_fp32": float((fp32_masks == expected).mean()),
+        "mask_dice_bf16_vs_reference": [_dice(mine, theirs) for mine, theirs in zip(bf16_masks, expected)],
     }
+
+
+def _dice(first: np.ndarray, second: np.ndarray) -> float:
+    total = first.sum() + second.sum()
+    return 1.0 if total == 0 else float(2 * np.logical_and(first, second).sum() / total)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repetitions", type=int, default=3, help="timed runs per path after one warm-up run")
     parser.add_argument("--prompts", type=int, default=64, help="number of box prompts in the batched case")
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16, 64], help="decoder_batch_size values to time"
+    )
     parser.add_argument("--output", type=Path, help="JSON file for the results (default: print only)")
     arguments = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     data_root = Path(os.environ.get("FMADAPT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
     with tempfile.TemporaryDirectory() as folder:
-        results = run(data_root, arguments.repetitions, arguments.prompts, Path(folder))
+        results = run(data_root, arguments.repetitions, arguments.prompts, Path(folder), arguments.batch_sizes)
     text = json.dumps(results, indent=2)
     logger.info("%s", text)
     if arguments.output:

@@ -68,6 +68,34 @@ def test_five_boxes_one_call(predictor):
     np.testing.assert_allclose(batch[3], single, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch_size", [1, 3, 7, 100])
+def test_decoder_batch_size_same_results(model, batch_size):
+    # 7 prompts in chunks of 3 leave a partial last chunk; per-prompt mask inputs must
+    # follow their prompts into the chunks.
+    image = _gradient_image(HEIGHT, WIDTH)
+    boxes = np.array([[5 + 4 * i, 8 + i, 70 + 3 * i, 60 + 2 * i] for i in range(7)], dtype=np.float32)
+    mask_input = np.random.default_rng(0).normal(size=(7, 64, 64)).astype(np.float32)
+    whole = Predictor(model, decoder_batch_size=100)
+    chunked = Predictor(model, decoder_batch_size=batch_size)
+    for predictor in (whole, chunked):
+        predictor.set_image(image)
+    for prompt_masks in (None, mask_input):
+        expected = whole.predict(box=boxes, mask_input=prompt_masks, multimask_output=True, return_logits=True)
+        outputs = chunked.predict(box=boxes, mask_input=prompt_masks, multimask_output=True, return_logits=True)
+        for output, reference in zip(outputs, expected):
+            assert output.shape == reference.shape
+            np.testing.assert_allclose(output, reference, atol=1e-4)
+
+
+def test_decoder_batch_size_default_and_errors(model):
+    from fmadapt.inference.predictor import CPU_DECODER_BATCH_SIZE
+
+    assert Predictor(model).decoder_batch_size == CPU_DECODER_BATCH_SIZE
+    for value in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match="decoder_batch_size must be a positive int"):
+            Predictor(model, decoder_batch_size=value)
+
+
 def test_points(predictor):
     masks, scores, _ = predictor.predict(points=np.array([[50, 40], [10, 5]]), point_labels=np.array([1, 0]))
     assert masks.shape == (3, HEIGHT, WIDTH)

@@ -14,7 +14,18 @@ from fmadapt.errors import FmadaptWarning
 from fmadapt.inference.cache import EmbeddingCache, embedding_key
 from fmadapt.models.segmenter import Segmenter
 
-__all__ = ["PRECISIONS", "Predictor", "bf16_is_native", "resolve_precision", "select_best_mask"]
+__all__ = [
+    "CPU_DECODER_BATCH_SIZE",
+    "PRECISIONS",
+    "Predictor",
+    "bf16_is_native",
+    "resolve_precision",
+    "select_best_mask",
+]
+
+# Prompts per decoder call on a CPU. benchmarks/decode_speed.py times 1, 4, 8, 16 and 64
+# prompts per call and records the results in benchmarks/README.md.
+CPU_DECODER_BATCH_SIZE = 4
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +108,11 @@ class Predictor:
             switch, ``model.enable_fused_attention()``.
         cache: an EmbeddingCache; ``set_image`` then reads the embedding from it when
             the image, weights, preprocessing, intensity and precision match a stored one.
+        decoder_batch_size: prompts per mask-decoder call; None picks all prompts on a
+            GPU and ``CPU_DECODER_BATCH_SIZE`` on a CPU. The decoder updates a copy of the
+            h·w image tokens per prompt (4096 × 256 values for SAM at 1024 px), so a large
+            batch only adds memory traffic on a CPU, where each prompt's matrix products
+            already have 4096 rows. Results agree across settings up to float rounding.
     """
 
     def __init__(
@@ -106,6 +122,7 @@ class Predictor:
         intensity: IntensitySpec | None = None,
         precision: str = "fp32",
         cache: EmbeddingCache | None = None,
+        decoder_batch_size: int | None = None,
     ) -> None:
         if not isinstance(model, Segmenter):
             raise TypeError(f"model must be a Segmenter, got {type(model).__name__}")
@@ -117,6 +134,13 @@ class Predictor:
         self.intensity = intensity if intensity is not None else IntensitySpec()
         self.precision = resolve_precision(precision, self.device)
         self.cache = cache
+        if decoder_batch_size is not None and (
+            isinstance(decoder_batch_size, bool) or not isinstance(decoder_batch_size, int) or decoder_batch_size < 1
+        ):
+            raise ValueError(f"decoder_batch_size must be a positive int or None, got {decoder_batch_size!r}")
+        if decoder_batch_size is None and self.device.type == "cpu":
+            decoder_batch_size = CPU_DECODER_BATCH_SIZE
+        self.decoder_batch_size = decoder_batch_size
         self._embedding: torch.Tensor | None = None
         self._original_size: tuple[int, int] | None = None
 
@@ -223,15 +247,7 @@ class Predictor:
         masks_low = self._mask_input_tensor(mask_input, count)
 
         with torch.inference_mode():
-            low_res, scores = self.model.decode_prompts(
-                self._embedding,
-                boxes=boxes_model,
-                points=points_model,
-                point_labels=labels,
-                mask_input=masks_low,
-                multimask_output=multimask_output,
-                decoder_dtype=torch.bfloat16 if self.precision == "bf16" else None,
-            )
+            low_res, scores = self._decode(boxes_model, points_model, labels, masks_low, count, multimask_output)
             full = self.model.transform.masks_to_original(low_res, self._original_size)
 
         masks = full if return_logits else full > 0
@@ -239,6 +255,43 @@ class Predictor:
         if not batched:
             outputs = tuple(value[0] for value in outputs)
         return outputs
+
+    def _decode(
+        self,
+        boxes: torch.Tensor | None,
+        points: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        masks_low: torch.Tensor | None,
+        count: int,
+        multimask_output: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the decoder on ``count`` prompts in chunks of ``decoder_batch_size``; returns P×K logits and scores."""
+        step = self.decoder_batch_size or max(count, 1)
+        if count <= step:
+            starts = [0]
+        else:
+            starts = list(range(0, count, step))
+        decoder_dtype = torch.bfloat16 if self.precision == "bf16" else None
+        logits, scores = [], []
+        for start in starts:
+            chunk = slice(start, start + step)
+            chunk_masks = masks_low
+            if masks_low is not None and masks_low.shape[0] > 1:
+                chunk_masks = masks_low[chunk]
+            chunk_logits, chunk_scores = self.model.decode_prompts(
+                self._embedding,
+                boxes=None if boxes is None else boxes[chunk],
+                points=None if points is None else points[chunk],
+                point_labels=None if labels is None else labels[chunk],
+                mask_input=chunk_masks,
+                multimask_output=multimask_output,
+                decoder_dtype=decoder_dtype,
+            )
+            logits.append(chunk_logits)
+            scores.append(chunk_scores)
+        if len(logits) == 1:
+            return logits[0], scores[0]
+        return torch.cat(logits), torch.cat(scores)
 
     def _prompts_to_model(
         self,
