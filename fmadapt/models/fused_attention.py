@@ -89,14 +89,18 @@ def relative_position_attention(
     grid_query = query.reshape(batch, heads, height, width, channels)
     along_h = torch.einsum("bnhwc,hkc->bnhwk", grid_query, table_h).reshape(batch, heads, tokens, height)
     along_w = torch.einsum("bnhwc,wkc->bnhwk", grid_query, table_w).reshape(batch, heads, tokens, width)
-    query = torch.cat([query * scale, along_h, along_w], dim=-1)
+    # Zero channels up to a multiple of 8, the head-size granularity that CUDA's fused
+    # kernels need; they add nothing to the dot products.
+    padding = -(channels + height + width) % 8
+    query = F.pad(torch.cat([query * scale, along_h, along_w], dim=-1), (0, padding))
 
     positions = torch.arange(tokens, device=key.device)
     codes = torch.cat(
         [F.one_hot(positions // width, height), F.one_hot(positions % width, width)], dim=-1
     ).to(key.dtype)
     key = torch.cat([key, codes.expand(batch, heads, tokens, height + width)], dim=-1)
-    value = F.pad(value, (0, height + width))
+    key = F.pad(key, (0, padding))
+    value = F.pad(value, (0, height + width + padding))
     attended = F.scaled_dot_product_attention(query, key, value, scale=1.0)
     return attended[..., :channels]
 
