@@ -96,6 +96,41 @@ def test_meta_mapping_matches_meta_keys(name):
         assert tuple(converted[key].shape) == shape, key
 
 
+PUBLISHED_NAMES = ("dinov3_vits16", "dinov3_vitsplus16", "dinov3_vitb16", "dinov3_vitl16")
+
+
+@pytest.mark.parametrize("name", PUBLISHED_NAMES)
+def test_meta_mapping_published_sizes(name):
+    # Built on the meta device: the keys and shapes of the released sizes, without their memory.
+    with torch.device("meta"):
+        encoder = DinoV3Encoder(get_dinov3_spec(name))
+    converted = hf_to_meta_state_dict(encoder.backbone.state_dict(), encoder.spec)
+    reference = meta_reference_shapes(name)
+
+    assert sorted(converted) == sorted(reference)
+    for key, shape in reference.items():
+        assert tuple(converted[key].shape) == shape, key
+
+
+def test_vits16_both_formats_full_size(tmp_path):
+    """The smallest released size, saved in both formats at full size, loads to equal features."""
+    source = random_encoder("dinov3_vits16", seed=4)
+    images = torch.randn(1, 3, 96, 128)
+    expected = features(source, images)
+    hf_folder = tmp_path / "hf"
+    source.backbone.save_pretrained(hf_folder)
+    meta_file = tmp_path / "dinov3_vits16_pretrain.pth"
+    torch.save(hf_to_meta_state_dict(source.backbone.state_dict(), source.spec), meta_file)
+
+    for checkpoint in (hf_folder, meta_file):
+        target = DinoV3Encoder(get_dinov3_spec("dinov3_vits16")).eval()
+        report = load_dinov3_checkpoint(target, checkpoint)
+        assert report.missing == []
+        assert report.unexpected == []
+        assert report.mismatched == []
+        assert (features(target, images) - expected).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("name", TINY_NAMES)
 def test_both_formats_give_same_features(name, tmp_path):
     source = random_encoder(name, seed=1)
