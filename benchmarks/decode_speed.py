@@ -16,7 +16,10 @@ Reported, each against a reference measured in the same run:
   bf16 mask against SamPredictor's.
 
 Usage:
-    FMADAPT_DATA=../shared/data python benchmarks/decode_speed.py --repetitions 3
+    FMADAPT_DATA=../shared/data python benchmarks/decode_speed.py --repetitions 3 [--device cuda]
+
+On a GPU the times include the copy of the masks to the host, as both predictors return
+NumPy arrays.
 """
 
 from __future__ import annotations
@@ -58,13 +61,15 @@ def reference_batched(reference: SamPredictor, boxes: np.ndarray, original_size:
     model_boxes = reference.transform.apply_boxes_torch(torch.from_numpy(boxes), original_size)
     with torch.inference_mode():
         masks, _, _ = reference.predict_torch(None, None, boxes=model_boxes, multimask_output=False)
-    return masks[:, 0].numpy()
+    return masks[:, 0].cpu().numpy()
 
 
-def run(data_root: Path, repetitions: int, prompt_count: int, folder: Path, batch_sizes: list[int]) -> dict[str, object]:
+def run(
+    data_root: Path, repetitions: int, prompt_count: int, folder: Path, batch_sizes: list[int], device: str
+) -> dict[str, object]:
     checkpoint = folder / "sam_vit_b_random.pth"
-    reference = SamPredictor(save_random_vit_b(checkpoint))
-    model = Segmenter.from_registry("sam_vit_b", checkpoint=checkpoint).eval()
+    reference = SamPredictor(save_random_vit_b(checkpoint).to(device))
+    model = Segmenter.from_registry("sam_vit_b", checkpoint=checkpoint).eval().to(device)
     cache = EmbeddingCache(folder / "embeddings")
 
     image, _ = load_kvasir_cases(data_root, 1)[0]
@@ -146,13 +151,16 @@ def main() -> None:
     parser.add_argument(
         "--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16, 64], help="decoder_batch_size values to time"
     )
+    parser.add_argument("--device", default="cpu", help="torch device of both models, e.g. cpu or cuda")
     parser.add_argument("--output", type=Path, help="JSON file for the results (default: print only)")
     arguments = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     data_root = Path(os.environ.get("FMADAPT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
     with tempfile.TemporaryDirectory() as folder:
-        results = run(data_root, arguments.repetitions, arguments.prompts, Path(folder), arguments.batch_sizes)
+        results = run(
+            data_root, arguments.repetitions, arguments.prompts, Path(folder), arguments.batch_sizes, arguments.device
+        )
     text = json.dumps(results, indent=2)
     logger.info("%s", text)
     if arguments.output:
