@@ -220,3 +220,54 @@ def test_real_ct_slice_box(model, data_root):
     reference.set_image(image)
     expected, _, _ = reference.predict(box=box)
     assert (masks == expected).mean() > 0.99
+
+
+@pytest.mark.parametrize(
+    "box, problem",
+    [
+        ([np.nan, 0, 5, 5], "NaN or infinity"),
+        ([0, 0, np.inf, 5], "NaN or infinity"),
+        ([50, 50, 10, 10], "x1 < x0 or y1 < y0"),
+        ([10, 50, 40, 20], "x1 < x0 or y1 < y0"),
+    ],
+)
+def test_invalid_box_rejected(predictor, box, problem):
+    with pytest.raises(ValueError) as caught:
+        predictor.predict(box=np.array(box, dtype=np.float32))
+    message = str(caught.value)
+    assert problem in message
+    assert str(np.array(box, dtype=np.float32).tolist()) in message
+    assert "XYXY" in message
+
+
+def test_invalid_box_in_batch_named(predictor):
+    boxes = np.array([[10, 10, 40, 40], [10, 10, 40, 40], [60, 10, 20, 40]], dtype=np.float32)
+    with pytest.raises(ValueError, match=r"box 2 of 3 \[60\.0, 10\.0, 20\.0, 40\.0\]"):
+        predictor.predict(box=boxes)
+
+
+def test_box_past_image_border_allowed(predictor):
+    masks, scores, _ = predictor.predict(box=np.array([-20, -10, WIDTH + 30, HEIGHT + 5]))
+    assert masks.shape == (3, HEIGHT, WIDTH)
+    assert np.isfinite(scores).all()
+
+
+def test_non_finite_points_rejected(predictor):
+    with pytest.raises(ValueError, match="points must be finite"):
+        predictor.predict(points=np.array([[np.nan, 5.0]]), point_labels=np.array([1]))
+
+
+def test_predict_without_prompt_names_arguments(predictor):
+    with pytest.raises(ValueError) as caught:
+        predictor.predict()
+    message = str(caught.value)
+    assert "predict needs a prompt" in message
+    for argument in ("box", "points", "point_labels", "mask_input"):
+        assert argument in message
+    assert "decode_prompts" not in message
+
+
+def test_mask_input_alone_is_a_prompt(predictor):
+    masks, scores, _ = predictor.predict(mask_input=np.zeros((64, 64), dtype=np.float32), multimask_output=False)
+    assert masks.shape == (1, HEIGHT, WIDTH)
+    assert np.isfinite(scores).all()

@@ -241,6 +241,11 @@ class Predictor:
         """
         if self._embedding is None or self._original_size is None:
             raise RuntimeError("predict needs an image; call set_image(image) first")
+        if box is None and points is None and point_labels is None and mask_input is None:
+            raise ValueError(
+                "predict needs a prompt: pass box (XYXY pixels), points with point_labels, or mask_input "
+                "(low-res logits); for segmentation without prompts use class_logits_automatic"
+            )
         batched = _is_batched(box, points)
         boxes_model, points_model, labels = self._prompts_to_model(box, points, point_labels)
         count = _count(boxes_model, points_model)
@@ -307,6 +312,7 @@ class Predictor:
                 boxes = boxes[None]
             if boxes.ndim != 2 or boxes.shape[1] != 4:
                 raise ValueError(f"box must have shape (4,) or (P, 4) XYXY, got {boxes.shape}")
+            _check_boxes(boxes, batched=np.ndim(box) == 2)
             boxes_model = torch.from_numpy(transform.boxes_to_model(boxes, size)).to(device)
 
         if points is None and point_labels is None:
@@ -319,6 +325,8 @@ class Predictor:
             coords, labels = coords[None], labels[None]
         if coords.ndim != 3 or coords.shape[2] != 2:
             raise ValueError(f"points must have shape (N, 2) or (P, N, 2) XY, got {np.shape(points)}")
+        if not np.isfinite(coords).all():
+            raise ValueError(f"points must be finite XY pixel coordinates, got NaN or infinity in {coords.tolist()}")
         if labels.shape != coords.shape[:2]:
             raise ValueError(
                 f"point_labels must have shape {coords.shape[:2]} to match points {np.shape(points)}, "
@@ -343,6 +351,26 @@ class Predictor:
                 f"with P = {count} prompts, got {np.shape(mask_input)}"
             )
         return torch.from_numpy(masks[:, None]).to(self.device)
+
+
+def _check_boxes(boxes: np.ndarray, batched: bool) -> None:
+    """Reject P×4 boxes with NaN or infinite values or with corners out of XYXY order.
+
+    A box that extends past the image border is allowed, because the prompt encoder
+    encodes any finite coordinate.
+    """
+    invalid = ~np.isfinite(boxes).all(axis=1)
+    inverted = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+    bad = np.flatnonzero(invalid | inverted)
+    if bad.size == 0:
+        return
+    index = int(bad[0])
+    name = f"box {index} of {len(boxes)}" if batched else "box"
+    problem = "contains NaN or infinity" if invalid[index] else "has x1 < x0 or y1 < y0"
+    raise ValueError(
+        f"{name} {boxes[index].tolist()} {problem}; boxes must be finite pixel coordinates in XYXY order "
+        "[x0, y0, x1, y1] with x0 <= x1 and y0 <= y1"
+    )
 
 
 def _is_batched(box: np.ndarray | None, points: np.ndarray | None) -> bool:
