@@ -1,4 +1,5 @@
 import logging
+import pickle
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ from tiny_checkpoints import build_reference_sam, sam_state_dict, save_tiny_chec
 
 from fmadapt.errors import CheckpointError
 from fmadapt.models import Segmenter, load_checkpoint, read_state_dict, resize_position_embeddings
+from fmadapt.models.manifest import find_entry
 
 
 def _assert_weights_equal(model, reference):
@@ -164,3 +166,59 @@ def test_pos_embed_resize_keeps_constant_field():
     resized = resize_position_embeddings(state, model)
     assert resized == ["image_encoder.pos_embed"]
     torch.testing.assert_close(state["image_encoder.pos_embed"], torch.full((1, 4, 4, 96), 0.25))
+
+
+def _truncated_copy(source, target, size):
+    target.write_bytes(source.read_bytes()[:size])
+    return target
+
+
+def test_truncated_official_file_names_sizes(tmp_path):
+    complete = save_tiny_checkpoint(tmp_path / "complete.pth")
+    path = _truncated_copy(complete, tmp_path / "sam_vit_b_01ec64.pth", 1000)
+    official = find_entry("sam_vit_b_01ec64.pth")
+    with pytest.raises(CheckpointError) as caught:
+        read_state_dict(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert "(1000 bytes)" in message
+    assert f"is {official.size_bytes} bytes" in message
+    assert "Download it again" in message
+    assert official.source in message
+    assert "weights_only=False" not in message
+    assert isinstance(caught.value.__cause__, RuntimeError)
+
+
+def test_garbage_official_file_hides_torch_advice(tmp_path):
+    # Bytes that are not a zip archive reach the pickle reader, whose torch error text
+    # recommends weights_only=False.
+    path = tmp_path / "medsam_vit_b.pth"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(CheckpointError) as caught:
+        read_state_dict(path)
+    message = str(caught.value)
+    assert "(1024 bytes)" in message
+    assert f"is {find_entry('medsam_vit_b').size_bytes} bytes" in message
+    assert "False" not in message
+    assert isinstance(caught.value.__cause__, pickle.UnpicklingError)
+    assert "False" in str(caught.value.__cause__)
+
+
+def test_truncated_unlisted_file_says_download_again(tmp_path):
+    complete = save_tiny_checkpoint(tmp_path / "complete.pth")
+    size = complete.stat().st_size // 2
+    path = _truncated_copy(complete, tmp_path / "my_weights.pth", size)
+    with pytest.raises(CheckpointError) as caught:
+        read_state_dict(path)
+    message = str(caught.value)
+    assert f"({size} bytes)" in message
+    assert "download or copy it again" in message
+    assert "weights_only=False" not in message
+    assert caught.value.__cause__ is not None
+
+
+def test_empty_file_raises_checkpoint_error(tmp_path):
+    path = tmp_path / "empty.pth"
+    path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"\(0 bytes\)"):
+        read_state_dict(path)

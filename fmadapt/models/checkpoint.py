@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fmadapt.errors import CheckpointError
+from fmadapt.models.manifest import read_manifest
 
 __all__ = ["LoadReport", "load_checkpoint", "read_state_dict", "resize_position_embeddings"]
 
@@ -115,11 +116,50 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _read_torch(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        raise CheckpointError(
-            f"failed to read {path} with torch.load(weights_only=True): {error}. fmadapt reads "
-            "only files of tensors; convert other files to a plain state dict or safetensors"
-        ) from error
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(_torch_load_failure_message(path, error)) from error
+
+
+def _torch_load_failure_message(path: Path, error: BaseException) -> str:
+    """Explain a failed torch.load: the file size, the official size of a file the manifest names, and what to do."""
+    size = path.stat().st_size
+    reason = _load_error_reason(error)
+    message = f"failed to read checkpoint {path} ({size} bytes) with torch.load(weights_only=True): {reason}. "
+    entry = next((entry for entry in read_manifest() if entry.file_name == path.name), None)
+    if entry is not None and entry.size_bytes is not None and size != entry.size_bytes:
+        return message + (
+            f"The official {entry.file_name} is {entry.size_bytes} bytes, so this file is incomplete or a "
+            f"different file. Download it again from {entry.source}"
+        )
+    if entry is not None and entry.size_bytes is not None:
+        return message + (
+            f"The file has the size of the official {entry.file_name} ({entry.size_bytes} bytes) but is damaged. "
+            f"Check it with `fmadapt checkpoints --folder {path.parent}` and download it again from {entry.source}"
+        )
+    if "Unsupported global" in reason:
+        return message + (
+            "The file stores Python objects besides tensors, which fmadapt does not load. Save the model's "
+            "state_dict() instead, or convert the file to safetensors"
+        )
+    return message + "The file is probably incomplete or damaged, so download or copy it again"
+
+
+def _load_error_reason(error: BaseException) -> str:
+    """Return the error type and the first sentence of its message.
+
+    The message of a weights_only failure (torch 2.6 to 2.14) recommends weights_only=False,
+    which would run code from the file and does not repair a truncated download, so only
+    the text after "WeightsUnpickler error:" is used.
+    """
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    detail = lines[0].split(". ")[0].rstrip(".") if lines else ""
+    if not detail or "weights_only" in detail:
+        return type(error).__name__
+    return f"{type(error).__name__}: {detail}"
 
 
 def _unwrap(loaded: object, path: Path) -> dict[str, torch.Tensor]:
