@@ -7,6 +7,7 @@ import pytest
 from scipy import stats
 
 from fmadapt import cli
+from fmadapt.errors import DataError
 from fmadapt.evaluate.compare import compare_runs, format_comparison, read_run_rows
 from fmadapt.evaluate.results import MetricTable
 
@@ -99,3 +100,27 @@ def test_compare_rejects_bad_input(tmp_path):
         compare_runs([baseline, baseline], ["accuracy"])
     with pytest.raises(FileNotFoundError, match="not found"):
         compare_runs([baseline, tmp_path / "missing"])
+
+
+def test_runs_without_shared_rows_rejected(tmp_path):
+    baseline = write_run(tmp_path / "eval_a", {"c1": 0.8, "c2": 0.7})
+    other = write_run(tmp_path / "eval_b", {"d1": 0.6, "d2": 0.5})
+    with pytest.raises(DataError) as caught:
+        compare_runs([baseline, other])
+    message = str(caught.value)
+    assert str(baseline) in message
+    assert str(other) in message
+    assert "share no case/class rows" in message
+    assert "2 cases (c1, c2) with classes liver" in message
+    assert "2 cases (d1, d2) with classes liver" in message
+
+
+def test_compare_command_fails_without_shared_rows(tmp_path, capsys, caplog):
+    baseline = write_run(tmp_path / "eval_a", BASELINE_DICE)
+    other = write_run(tmp_path / "eval_b", {"d1": 0.6})
+    code = cli.main(["compare", str(baseline), str(other)])
+    assert code != 0
+    assert capsys.readouterr().out == ""
+    assert "share no case/class rows" in caplog.text
+    assert str(baseline) in caplog.text
+    assert str(other) in caplog.text

@@ -3,7 +3,7 @@
 A run is a ``per_case.csv`` file, or a folder that contains one (an ``fmadapt evaluate`` or
 ``evaluate-folder`` output). A folder with only an nnU-Net ``summary.json`` is read from its
 ``metric_per_case`` entries, with the label key as class name and the prediction file name
-(without .nii.gz or .nii) as case. Rows are matched on (case, class name).
+(without .nii.gz or .nii) as case. Rows are matched on (case, class name), and two runs without a shared row raise DataError.
 
 The first run is the baseline and every other run is compared with it. Per metric, the
 differences are other minus baseline over the matched rows where both values are finite:
@@ -111,7 +111,13 @@ def compare_runs(
     means = {run.name: {metric: _run_mean(run, metric) for metric in metrics} for run in loaded}
     baseline = loaded[0]
     pairs, only_in_baseline, only_in_other = [], {}, {}
-    for other in loaded[1:]:
+    for index, other in enumerate(loaded[1:], start=1):
+        if not set(baseline.values) & set(other.values):
+            raise DataError(
+                f"runs {str(runs[0])!r} and {str(runs[index])!r} share no case/class rows, so there is nothing "
+                f"to compare: the first has {_describe_rows(baseline)}, the second {_describe_rows(other)}. "
+                "Compare evaluations of the same cases and class names"
+            )
         only_in_baseline[other.name] = sorted(set(baseline.values) - set(other.values))
         only_in_other[other.name] = sorted(set(other.values) - set(baseline.values))
         if only_in_baseline[other.name] or only_in_other[other.name]:
@@ -213,6 +219,14 @@ def _read_nnunet_summary(path: Path) -> dict[tuple[str, str], dict[str, float]]:
         for label, metrics in entry["metrics"].items():
             values[(case, str(label))] = {metric: _json_number(metrics.get(key)) for metric, key in _NNUNET_KEYS.items()}
     return values
+
+
+def _describe_rows(run: RunRows) -> str:
+    """Name a few of the run's cases and classes for an error message."""
+    cases = sorted({case for case, _ in run.values})
+    classes = sorted({class_name for _, class_name in run.values})
+    listed = ", ".join(cases[:3]) + (", ..." if len(cases) > 3 else "")
+    return f"{len(cases)} cases ({listed}) with classes {', '.join(classes)}"
 
 
 def _json_number(value: object) -> float:
