@@ -63,3 +63,17 @@ def test_multi_node_main_process():
     assert config.machine_rank == 0
     assert config.main_process_port == 29500
     assert config.main_process_ip
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_precision_comment_complete(name):
+    lines = (CONFIG_FOLDER / name).read_text().splitlines()
+    key_line = next(index for index, line in enumerate(lines) if line.startswith("mixed_precision:"))
+    comment = []
+    for line in reversed(lines[:key_line]):
+        if not line.startswith("#"):
+            break
+        comment.insert(0, line.lstrip("# ").strip())
+    text = " ".join(comment)
+    assert "train.mixed_precision" in text
+    assert text.endswith(".")
