@@ -78,9 +78,15 @@ def _models(args: argparse.Namespace) -> int:
 def _checkpoints(args: argparse.Namespace) -> int:
     from fmadapt.models.manifest import read_manifest, verify_checkpoint
 
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        state = "is a file, not a folder" if folder.exists() else "not found"
+        raise FileNotFoundError(
+            f"checkpoint folder {folder} {state}; pass the folder that contains the .pth files with --folder"
+        )
     failed = 0
     for entry in read_manifest():
-        path = Path(args.folder) / entry.file_name
+        path = folder / entry.file_name
         if not path.is_file():
             sys.stdout.write(f"{entry.model:14s} {entry.file_name:24s} missing (download: {entry.source})\n")
             continue
@@ -94,6 +100,16 @@ _PROTOCOL_OPTIONS = (
     "seed", "box_jitter", "jitter_unit", "num_positive", "num_negative", "click_mode",
     "num_interactions", "start", "feed_logits", "key_slice", "margin", "min_area",
 )
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"invalid log level {text!r}; choose one of {', '.join(LOG_LEVELS)}")
+    return level
 
 
 def _float_list(text: str) -> tuple[float, ...]:
@@ -207,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fmadapt", description="Adapt SAM, MedSAM and DINOv3 models to medical image segmentation."
     )
     parser.add_argument("--version", action="version", version=f"fmadapt {__version__}")
-    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    parser.add_argument("--log-level", default="INFO", type=_log_level, metavar="LEVEL",
+                        help=f"logging level: {', '.join(LOG_LEVELS)}, any case (default: INFO)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="few-shot fine-tuning from a YAML recipe")
@@ -216,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true",
                        help="continue an interrupted run in --output from its last epoch checkpoint")
     train.add_argument("overrides", nargs="*", help="recipe overrides as key=value, e.g. train.epochs=3")
-    train.set_defaults(handler=_train)
+    train.set_defaults(handler=_train, override_example="train.epochs=3")
 
     pretrain = commands.add_parser(
         "pretrain", help="self-supervised adaptation (DINO + iBOT) of a DINOv3 encoder on unlabelled images"
@@ -227,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
                           help="stop after this many optimizer steps and save a checkpoint; continue later with --resume")
     pretrain.add_argument("overrides", nargs="*", help="recipe overrides as key=value, e.g. train.steps=50")
-    pretrain.set_defaults(handler=_pretrain)
+    pretrain.set_defaults(handler=_pretrain, override_example="train.steps=50")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a trained run on held-out cases")
     evaluate.add_argument("run_dir", help="folder written by `fmadapt train`")
@@ -243,14 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "preprocessing match, written otherwise (sets evaluate.cache_dir; default: off)")
     evaluate.add_argument("overrides", nargs="*", help="evaluate.* overrides as key=value, e.g. evaluate.max_cases=5")
     _add_protocol_options(evaluate)
-    evaluate.set_defaults(handler=_evaluate)
+    evaluate.set_defaults(handler=_evaluate, override_example="evaluate.max_cases=5")
 
     quickstart = commands.add_parser(
         "quickstart", help="few-shot white-matter segmentation on nilearn's MNI152 template, then both evaluations"
     )
     quickstart.add_argument("--output", default="runs/quickstart", help="folder for the data copy and the run")
     quickstart.add_argument("overrides", nargs="*", help="recipe overrides as key=value, e.g. train.epochs=2")
-    quickstart.set_defaults(handler=_quickstart)
+    quickstart.set_defaults(handler=_quickstart, override_example="train.epochs=2")
 
     models = commands.add_parser("models", help="list the model registry")
     models.set_defaults(handler=_models)
@@ -269,14 +286,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may follow options (`train R.yaml --output D a.b=1`), which argparse's
-    # nargs="*" positional does not collect, so key=value leftovers are added here.
+    # nargs="*" positional does not collect, so leftovers that are not options are added here.
     args, extra = parser.parse_known_args(argv)
-    unknown = [token for token in extra if "=" not in token or token.startswith("-")]
-    if unknown or (extra and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
-    if extra:
+    options = [token for token in extra if token.startswith("-")]
+    if options or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(options or extra)}")
+    if hasattr(args, "overrides"):
         args.overrides = list(args.overrides) + extra
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        malformed = [token for token in args.overrides if "=" not in token]
+        if malformed:
+            parser.error(
+                f"{args.command} overrides are key=value, for example {args.override_example}; "
+                f"got {', '.join(repr(token) for token in malformed)}"
+            )
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as error:

@@ -1,5 +1,7 @@
 """The fmadapt command line: listing, checkpoint checks, argument handling."""
 
+import pytest
+
 from fmadapt import cli
 
 from conftest import REPO_ROOT
@@ -55,3 +57,60 @@ def test_missing_checkpoint_fails_before_run_folder(data_root, tmp_path, monkeyp
     assert "model.checkpoint" in caplog.text
     assert str(missing) in caplog.text
     assert not (tmp_path / "run").exists()
+
+
+def test_invalid_log_level_is_usage_error(capsys):
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["--log-level", "foo", "models"])
+    assert caught.value.code == 2
+    error = capsys.readouterr().err
+    assert "invalid log level 'foo'" in error
+    assert "DEBUG, INFO, WARNING" in error
+
+
+def test_log_level_any_case_accepted(capsys):
+    assert cli.main(["--log-level", "warning", "models"]) == 0
+    assert "sam_vit_b" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, example",
+    [
+        (["train", "recipe.yaml", "train.epochs"], "train.epochs=3"),
+        (["train", "recipe.yaml", "--output", "x", "train.epochs"], "train.epochs=3"),
+        (["evaluate", "run", "--mode", "automatic", "evaluate.max_cases"], "evaluate.max_cases=5"),
+        (["pretrain", "recipe.yaml", "--resume", "train.steps"], "train.steps=50"),
+        (["quickstart", "--output", "q", "train.epochs"], "train.epochs=2"),
+    ],
+)
+def test_override_without_equals_explained(argv, example, capsys):
+    with pytest.raises(SystemExit) as caught:
+        cli.main(argv)
+    assert caught.value.code == 2
+    error = capsys.readouterr().err
+    assert "overrides are key=value" in error
+    assert f"for example {example}" in error
+    assert f"got {argv[-1]!r}" in error
+    assert "unrecognized arguments" not in error
+
+
+def test_unknown_option_still_unrecognized(capsys):
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["train", "recipe.yaml", "--epochs", "3"])
+    assert caught.value.code == 2
+    assert "unrecognized arguments: --epochs" in capsys.readouterr().err
+
+
+def test_checkpoints_missing_folder_fails(tmp_path, capsys, caplog):
+    folder = tmp_path / "absent"
+    code = cli.main(["checkpoints", "--folder", str(folder)])
+    assert code != 0
+    assert f"checkpoint folder {folder} not found" in caplog.text
+    assert "missing" not in capsys.readouterr().out
+
+
+def test_checkpoints_folder_that_is_a_file_fails(tmp_path, caplog):
+    path = tmp_path / "sam_vit_b_01ec64.pth"
+    path.write_bytes(b"x")
+    assert cli.main(["checkpoints", "--folder", str(path)]) != 0
+    assert "is a file, not a folder" in caplog.text
