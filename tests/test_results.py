@@ -61,7 +61,7 @@ def test_to_csv_columns_and_rows(tmp_path):
     with open(path, newline="") as handle:
         header = next(csv.reader(handle))
     assert header == [
-        "case", "class_name", "class_id", "dice", "iou", "nsd", "hd95",
+        "case", "class_name", "class_id", "label_id", "dice", "iou", "nsd", "hd95",
         "tp", "fp", "fn", "tn", "n_pred", "n_ref", "mode",
     ]  # fmt: skip
     assert len(rows) == 6
@@ -276,3 +276,42 @@ def test_rejects_invalid_case_and_extra_columns():
         table.add_case("a", metric_row("liver", 5, 0.5, 1.0))
     with pytest.raises(TypeError, match="str or os.PathLike"):
         table.to_csv(3)
+
+
+def test_label_id_defaults_to_class_id(tmp_path):
+    table = three_case_table()
+    with open(table.to_csv(tmp_path / "per_case.csv"), newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["label_id"] for row in rows] == [row["class_id"] for row in rows]
+    assert table.summary()["per_class"]["liver"]["label_id"] == 5
+
+
+def test_label_id_written_beside_class_id(tmp_path):
+    # Recipe order [liver, spleen] gives class ids 1 and 2; the dataset labels are 5 and 1.
+    table = MetricTable()
+    for case in ("a", "b"):
+        table.add_case(
+            case,
+            [metric_row("liver", 1, 0.8, 2.0, label_id=5), metric_row("spleen", 2, 0.5, 1.0, label_id=1)],
+        )
+    csv_path, summary_path = table.write(tmp_path)
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["class_name"], row["class_id"], row["label_id"]) for row in rows] == [
+        ("liver", "1", "5"), ("spleen", "2", "1"), ("liver", "1", "5"), ("spleen", "2", "1"),
+    ]  # fmt: skip
+    per_class = json.loads(summary_path.read_text())["per_class"]
+    assert per_class["liver"]["class_id"] == 1
+    assert per_class["liver"]["label_id"] == 5
+    assert per_class["spleen"]["class_id"] == 2
+    assert per_class["spleen"]["label_id"] == 1
+
+
+def test_rejects_inconsistent_label_ids():
+    table = MetricTable()
+    table.add_case("a", [metric_row("liver", 1, 0.5, 1.0, label_id=5)])
+    with pytest.raises(ValueError, match="gives class 'liver' the label_id 6, but earlier cases gave it 5"):
+        table.add_case("b", [metric_row("liver", 1, 0.5, 1.0, label_id=6)])
+    with pytest.raises(TypeError, match="label_id must be an integer"):
+        table.add_case("c", [metric_row("liver", 1, 0.5, 1.0, label_id="5")])
+    assert table.case_ids == ["a"]

@@ -223,7 +223,7 @@ def _evaluate_case(context: _Context, case_id: str, dataset_ids: dict[str, int],
     rng = case_generator(context.settings.seed, case_id)
     curves, propagation_rows = [], []
     region, masks, extra = _run_case(context, case, names, level, rng, curves, propagation_rows)
-    rows = _class_rows(masks, case.label, region, case.label_source.spacing, names, context.recipe)
+    rows = _class_rows(masks, case.label, region, case.label_source.spacing, dataset_ids, context.recipe)
     noise = {} if level is None else {"jitter": level, "jitter_unit": context.settings.jitter_unit}
     region_labels = _merged_dataset_labels(masks[(slice(None), *region)], list(range(1, len(names) + 1)))
     view = cut_overlay_case(case_id, case.image[region], case.label[region], region_labels, context.recipe.data.axis)
@@ -369,13 +369,15 @@ def _block_region(axis: int, block: tuple[int, int], ndim: int) -> tuple:
     return tuple(region)
 
 
-def _class_rows(masks, reference, region, spacing, names, recipe) -> list[dict]:
+def _class_rows(masks, reference, region, spacing, dataset_ids: dict[str, int], recipe) -> list[dict]:
+    """Metric rows with class_id c (recipe order, as in ``reference``) and the dataset's label_id."""
     rows = []
-    for c, name in enumerate(names, start=1):
+    for c, (name, label_id) in enumerate(dataset_ids.items(), start=1):
         predicted = masks[c - 1][region].astype(np.uint8)
         expected = (reference[region] == c).astype(np.uint8)
         (row,) = compute_case_metrics(predicted, expected, spacing, {name: 1}, recipe.evaluate.nsd_tolerance_mm)
         row["class_id"] = c
+        row["label_id"] = label_id
         rows.append(row)
     return rows
 

@@ -3,10 +3,18 @@
 :class:`MetricTable` collects the rows of :func:`fmadapt.evaluate.metrics.compute_case_metrics`
 for each case, plus extra columns that describe the run (for example ``mode`` or ``jitter``).
 
+Class ids
+    ``class_id`` is the class's value in the label maps that were scored. ``label_id`` is the
+    class's label value in the dataset, as in its label files and in the prediction NIfTI
+    files that fmadapt writes. They differ for ``fmadapt evaluate``, which remaps the recipe's
+    ``data.labels`` to 1..C in recipe order: with ``[liver, spleen]`` on TotalSegmentator,
+    liver has class_id 1 and label_id 5, spleen class_id 2 and label_id 1. ``evaluate-folder``
+    scores the dataset's own label maps, so there both are the label value.
+
 Files
     ``per_case.csv`` has one row per case and class with the columns ``case, class_name,
-    class_id, dice, iou, nsd, hd95, tp, fp, fn, tn, n_pred, n_ref`` and then the extra
-    columns in the order they first appeared. Floats are written with Python's ``str``, so
+    class_id, label_id, dice, iou, nsd, hd95, tp, fp, fn, tn, n_pred, n_ref`` and then the
+    extra columns in the order they first appeared. Floats are written with Python's ``str``, so
     they read back exactly and NaN and infinity appear as ``nan`` and ``inf``. A case without
     an extra column has an empty cell there.
     ``summary.json`` contains :meth:`MetricTable.summary`. It is strict JSON: every NaN or
@@ -43,7 +51,9 @@ logger = logging.getLogger(__name__)
 METRIC_NAMES = ("dice", "iou", "nsd", "hd95")
 COUNT_NAMES = ("tp", "fp", "fn", "tn", "n_pred", "n_ref")
 ROW_KEYS = ("class_name", "class_id", *METRIC_NAMES, *COUNT_NAMES)
-CSV_COLUMNS = ("case", *ROW_KEYS)
+# Rows may add the dataset label id, which defaults to class_id (see "Class ids" above).
+LABEL_ID = "label_id"
+CSV_COLUMNS = ("case", "class_name", "class_id", LABEL_ID, *METRIC_NAMES, *COUNT_NAMES)
 PER_CASE_FILENAME = "per_case.csv"
 SUMMARY_FILENAME = "summary.json"
 
@@ -55,13 +65,14 @@ class MetricTable:
     """Per-case, per-class metric rows with summaries and file writers.
 
     Rows are added one case at a time with :meth:`add_case`. A class name must keep the same
-    class id in every case, and a case id may be added only once.
+    class id and label id in every case, and a case id may be added only once.
     """
 
     def __init__(self) -> None:
         self._rows: list[dict] = []
         self._case_ids: list[str] = []
         self._class_ids: dict[str, int] = {}
+        self._label_ids: dict[str, int] = {}
         self._extra_columns: list[str] = []
 
     @property
@@ -86,7 +97,8 @@ class MetricTable:
         """Add the metric rows of one case, one row per class.
 
         ``rows`` is the output of ``compute_case_metrics``: mappings with exactly the keys
-        ``class_name, class_id, dice, iou, nsd, hd95, tp, fp, fn, tn, n_pred, n_ref``.
+        ``class_name, class_id, dice, iou, nsd, hd95, tp, fp, fn, tn, n_pred, n_ref``, and
+        optionally ``label_id``, the dataset label value (default: ``class_id``).
         ``extra_columns`` (str, int, float, bool or None values) are added to every row of
         the case. Raises TypeError or ValueError, naming the row and key, for an invalid row,
         and adds nothing then.
@@ -100,10 +112,12 @@ class MetricTable:
 
         checked_rows = []
         class_ids = dict(self._class_ids)
+        label_ids = dict(self._label_ids)
         for index, row in enumerate(rows):
             checked = _check_row(row, f"case {case_id!r} row {index}")
-            _check_class_consistency(checked, class_ids, case_id, checked_rows)
+            _check_class_consistency(checked, class_ids, label_ids, case_id, checked_rows)
             class_ids[checked["class_name"]] = checked["class_id"]
+            label_ids[checked["class_name"]] = checked[LABEL_ID]
             checked_rows.append(checked)
 
         for checked in checked_rows:
@@ -112,21 +126,23 @@ class MetricTable:
             if name not in self._extra_columns:
                 self._extra_columns.append(name)
         self._class_ids = class_ids
+        self._label_ids = label_ids
         self._case_ids.append(case_id)
 
     def summary(self) -> dict:
         """Summarise the table: counts, overall and per-class statistics of each metric.
 
         Returns a dict with ``n_cases``, ``n_rows``, ``overall`` (metric name to statistics),
-        ``per_class`` (class name to ``class_id``, ``n_cases`` and the statistics of each
-        metric) and ``extra_columns`` (column name to its distinct values in first-seen
+        ``per_class`` (class name to ``class_id``, ``label_id``, ``n_cases`` and the statistics
+        of each metric) and ``extra_columns`` (column name to its distinct values in first-seen
         order). Each statistics entry has ``mean``, ``median``, ``std``, ``n``, ``n_nan`` and
         ``n_inf``. NaN stands for a statistic without finite values.
         """
         per_class = {}
         for class_name, class_id in self._class_ids.items():
             class_rows = [row for row in self._rows if row["class_name"] == class_name]
-            per_class[class_name] = {"class_id": class_id, "n_cases": len(class_rows)}
+            label_id = self._label_ids[class_name]
+            per_class[class_name] = {"class_id": class_id, "label_id": label_id, "n_cases": len(class_rows)}
             per_class[class_name].update(_describe_metrics(class_rows))
 
         return {
@@ -218,11 +234,11 @@ def _check_row(row: object, where: str) -> dict:
     if not isinstance(row, Mapping):
         raise TypeError(f"{where} must be a dict, got {type(row).__name__} {row!r}")
     missing = [key for key in ROW_KEYS if key not in row]
-    unknown = [key for key in row if key not in ROW_KEYS]
+    unknown = [key for key in row if key not in ROW_KEYS and key != LABEL_ID]
     if missing or unknown:
         raise ValueError(
             f"{where} has missing keys {missing} and unknown keys {unknown}; rows need exactly "
-            f"{list(ROW_KEYS)}, and run settings go in extra columns of add_case"
+            f"{list(ROW_KEYS)} and optionally {LABEL_ID!r}, and run settings go in extra columns of add_case"
         )
 
     class_name = row["class_name"]
@@ -230,7 +246,9 @@ def _check_row(row: object, where: str) -> dict:
         raise TypeError(f"{where}: class_name must be a string, got {type(class_name).__name__} {class_name!r}")
     if not class_name:
         raise ValueError(f"{where}: class_name is empty; give the class a name")
-    checked = {"class_name": class_name, "class_id": _check_integer(row["class_id"], "class_id", where, signed=True)}
+    class_id = _check_integer(row["class_id"], "class_id", where, signed=True)
+    label_id = _check_integer(row.get(LABEL_ID, class_id), LABEL_ID, where, signed=True)
+    checked = {"class_name": class_name, "class_id": class_id, LABEL_ID: label_id}
     for name in METRIC_NAMES:
         checked[name] = _check_metric(row[name], name, where)
     for name in COUNT_NAMES:
@@ -258,17 +276,22 @@ def _check_integer(value: object, name: str, where: str, *, signed: bool) -> int
 
 
 def _check_class_consistency(
-    row: Mapping, class_ids: Mapping[str, int], case_id: str, rows_of_case: Sequence[Mapping]
+    row: Mapping,
+    class_ids: Mapping[str, int],
+    label_ids: Mapping[str, int],
+    case_id: str,
+    rows_of_case: Sequence[Mapping],
 ) -> None:
     class_name = row["class_name"]
     if any(other["class_name"] == class_name for other in rows_of_case):
         raise ValueError(f"case {case_id!r} has two rows for class {class_name!r}; give one row per class")
-    known_id = class_ids.get(class_name)
-    if known_id is not None and known_id != row["class_id"]:
-        raise ValueError(
-            f"case {case_id!r} gives class {class_name!r} the id {row['class_id']}, but earlier "
-            f"cases gave it {known_id}; use one class_ids mapping for all cases"
-        )
+    for key, noun, known in (("class_id", "id", class_ids), (LABEL_ID, "label_id", label_ids)):
+        known_id = known.get(class_name)
+        if known_id is not None and known_id != row[key]:
+            raise ValueError(
+                f"case {case_id!r} gives class {class_name!r} the {noun} {row[key]}, but earlier "
+                f"cases gave it {known_id}; use one class_ids mapping for all cases"
+            )
 
 
 def _format_csv_value(value: object) -> object:

@@ -9,9 +9,11 @@ on its own mask (logit > 0), so overlapping masks of two classes are not cut aga
 other; the written label map gives overlaps to the class with the larger logit.
 
 Each evaluation writes ``per_case.csv``, ``summary.json`` and ``predictions/CASE.nii.gz``
-into ``RUN_DIR/eval_<split>_<mode>[_jitter<J>]``. Then ``overlays.png`` shows image, reference
-and prediction of the worst, median and best case by Dice (a volume at its slice with the
-most reference foreground), and ``report.md`` lists the settings and links the figures.
+into ``RUN_DIR/eval_<split>_<mode>[_jitter<J>]``. The tables number classes in recipe order
+(``class_id``) and also give the dataset label value (``label_id``) that the NIfTI files use.
+Then ``overlays.png`` shows image, reference and prediction of the worst, median and best
+case by Dice (a volume at its slice with the most reference foreground), and ``report.md``
+lists the settings and links the figures.
 Automatic mode also keeps each case's class probabilities (float16, evaluated region only)
 and writes the sweeps of :mod:`fmadapt.evaluate.sweeps`: ``threshold_sweep.csv``, and with
 ``evaluate.detection: true`` also ``detection.json`` and ``froc.png``. The folder is built
@@ -246,7 +248,7 @@ def _score_case(
     prediction = _predict_case(model, case, slices, axis, block, mode, jitter, len(recipe_ids), rng, cache)
 
     spacing = case.label_source.spacing
-    rows = _class_metrics(prediction.masks, case.label, region, spacing, recipe_ids, recipe)
+    rows = _class_metrics(prediction.masks, case.label, region, spacing, dataset_ids, recipe)
     extra = {"mode": mode, "jitter": jitter if jitter is not None else ""}
     if block is not None:
         extra["slices"] = f"{block[0]}-{block[1] - 1}"
@@ -368,16 +370,21 @@ def _class_metrics(
     reference: np.ndarray,
     region: tuple,
     spacing: tuple[float, ...],
-    recipe_ids: dict[str, int],
+    dataset_ids: dict[str, int],
     recipe: Recipe,
 ) -> list[dict]:
-    """Metrics of each class on its own C×… mask channel inside ``region`` of the volume."""
+    """Metrics of each class on its own C×… mask channel inside ``region`` of the volume.
+
+    ``reference`` has the recipe classes 1..C, and each row gets that ``class_id`` and the
+    class's ``label_id`` in ``dataset_ids`` (dataset label values in recipe order).
+    """
     rows = []
-    for name, class_id in recipe_ids.items():
+    for class_id, (name, label_id) in enumerate(dataset_ids.items(), start=1):
         predicted = masks[class_id - 1][region].astype(np.uint8)
         expected = (reference[region] == class_id).astype(np.uint8)
         (row,) = compute_case_metrics(predicted, expected, spacing, {name: 1}, recipe.evaluate.nsd_tolerance_mm)
         row["class_id"] = class_id
+        row["label_id"] = label_id
         rows.append(row)
     return rows
 
