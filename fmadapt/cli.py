@@ -258,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cache", metavar="DIR",
                           help="folder of cached image embeddings: reused when the images, weights and "
                           "preprocessing match, written otherwise (sets evaluate.cache_dir; default: off)")
-    evaluate.add_argument("overrides", nargs="*", help="evaluate.* overrides as key=value, e.g. evaluate.max_cases=5")
+    evaluate.add_argument("overrides", nargs="*",
+                          help="evaluate.* keys, or data.root=DIR when the run's data has moved, as key=value, "
+                          "e.g. evaluate.max_cases=5")
     _add_protocol_options(evaluate)
     evaluate.set_defaults(handler=_evaluate, override_example="evaluate.max_cases=5")
 

@@ -150,25 +150,40 @@ def base_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _run_folder_hint(run_dir: Path) -> str:
+    """Explain what RUN_DIR must contain, naming the direct subfolders that are run folders."""
+    expected = (
+        f"RUN_DIR must be a folder written by `fmadapt train` (it contains {RECIPE_FILE}, {SPLIT_FILE} "
+        "and trained.safetensors)"
+    )
+    runs = []
+    if run_dir.is_dir():
+        runs = sorted(child for child in run_dir.iterdir() if (child / RECIPE_FILE).is_file())
+    if len(runs) == 1:
+        return f"; did you mean {runs[0]}? {expected}"
+    if runs:
+        return f"; did you mean one of {', '.join(str(run) for run in runs)}? {expected}"
+    return f"; {expected}"
+
+
 def load_run(run_dir: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, Segmenter]:
     """Rebuild a trained model from a run folder written by ``fmadapt train``.
 
-    ``overrides`` (``key=value``) may change ``evaluate.*`` keys only, because every other key
-    must stay as it was when the model was trained.
+    ``overrides`` (``key=value``) may change ``evaluate.*`` keys and ``data.root``, the dataset
+    folder, so a run can be evaluated after its data has moved. Every other key must stay as
+    it was when the model was trained.
     """
     run_dir = Path(run_dir)
     for override in overrides or []:
-        if not override.startswith("evaluate."):
+        key = override.split("=", 1)[0].strip()
+        if not (key.startswith("evaluate.") or key == "data.root"):
             raise RecipeError(
                 f"override {override!r} would change how the trained model was built; only evaluate.* keys "
-                "can be overridden when evaluating a run"
+                "and data.root (the dataset folder) can be overridden when evaluating a run"
             )
     recipe_path = run_dir / RECIPE_FILE
     if not recipe_path.is_file():
-        raise FileNotFoundError(
-            f"{recipe_path} not found; RUN_DIR must be a folder written by `fmadapt train` (it contains "
-            f"{RECIPE_FILE}, {SPLIT_FILE} and trained.safetensors)"
-        )
+        raise FileNotFoundError(f"{recipe_path} not found{_run_folder_hint(run_dir)}")
     recipe = load_recipe(recipe_path, overrides)
     model = build_model(recipe)
     expected = read_trained_config(run_dir).get("base_fingerprint")

@@ -90,8 +90,9 @@ def run_protocol(
 ) -> list[EvaluationResult]:
     """Evaluate the run in ``run_dir`` with a prompt protocol; one result per box noise level.
 
-    ``overrides`` are ``evaluate.*`` recipe keys as ``key=value``; ``evaluate.max_cases``,
-    ``evaluate.nsd_tolerance_mm`` and ``evaluate.write_predictions`` apply here.
+    ``overrides`` are ``evaluate.*`` recipe keys or ``data.root`` as ``key=value``;
+    ``evaluate.max_cases``, ``evaluate.nsd_tolerance_mm`` and ``evaluate.write_predictions``
+    apply here.
     """
     if mode not in PROTOCOL_MODES:
         raise ValueError(f"mode {mode!r} is invalid; choose one of {', '.join(PROTOCOL_MODES)}")

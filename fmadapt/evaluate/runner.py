@@ -110,7 +110,8 @@ def evaluate_run(
 ) -> list[EvaluationResult]:
     """Evaluate the run in ``run_dir``; prompted mode returns one result per jitter level.
 
-    ``overrides`` are ``evaluate.*`` recipe keys as ``key=value``, e.g. ``evaluate.max_cases=5``.
+    ``overrides`` are ``evaluate.*`` recipe keys or ``data.root`` as ``key=value``, e.g.
+    ``evaluate.max_cases=5``.
     The modes ``clicks``, ``iterative`` and ``propagate3d`` run
     :func:`fmadapt.evaluate.protocols.run_protocol` with ``protocol`` (a ProtocolSettings,
     None for its defaults).
