@@ -1,10 +1,14 @@
+import warnings
+
 import pytest
 import torch
 from tiny_checkpoints import build_reference_sam
 
+from fmadapt.config import recipe_from_dict
 from fmadapt.data.transforms import MEDSAM_PREPROCESS, SAM_PREPROCESS, ImageTransform
 from fmadapt.errors import FmadaptWarning
-from fmadapt.models import Segmenter, get_model_spec
+from fmadapt.models import Segmenter, get_model_spec, get_segmenter_spec
+from fmadapt.runs import build_model
 
 SIZE = 64
 
@@ -140,3 +144,47 @@ def test_preprocess_mismatch_rejected():
 def test_medsam_transform_from_registry():
     model = Segmenter.from_registry("medsam_vit_tiny", image_size=SIZE)
     assert model.transform.spec == MEDSAM_PREPROCESS
+
+
+def _fmadapt_warnings(build):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build()
+    return [warning for warning in caught if issubclass(warning.category, FmadaptWarning)]
+
+
+def test_published_model_without_checkpoint_warns():
+    (warning,) = _fmadapt_warnings(lambda: Segmenter.from_registry("sam_vit_b", image_size=SIZE))
+    message = str(warning.message)
+    assert "starts from random weights" in message
+    assert f"checkpoint='checkpoints/{get_model_spec('sam_vit_b').checkpoint_file}'" in message
+    assert "checkpoint=None" in message
+    assert warning.filename == __file__
+
+
+def test_dinov3_without_checkpoint_names_sources():
+    (warning,) = _fmadapt_warnings(lambda: Segmenter.from_registry("dinov3_vits16", image_size=SIZE))
+    spec = get_segmenter_spec("dinov3_vits16")
+    assert spec.hf_model_id in str(warning.message)
+    assert spec.meta_checkpoint_file in str(warning.message)
+
+
+def test_explicit_none_checkpoint_is_silent():
+    assert _fmadapt_warnings(lambda: Segmenter.from_registry("medsam_vit_b", image_size=SIZE, checkpoint=None)) == []
+
+
+@pytest.mark.parametrize("name", ["sam_vit_tiny", "medsam_vit_tiny", "sam_vit_small", "dinov3_vit_tiny"])
+def test_model_without_published_weights_is_silent(name):
+    assert _fmadapt_warnings(lambda: Segmenter.from_registry(name, image_size=SIZE)) == []
+
+
+def test_recipe_without_checkpoint_warns_once():
+    recipe = recipe_from_dict(
+        {
+            "data": {"labels": ["liver"]},
+            "model": {"name": "sam_vit_b", "image_size": SIZE},
+            "adaptation": {"method": "none", "preset": "decoder"},
+        }
+    )
+    (warning,) = _fmadapt_warnings(lambda: build_model(recipe))
+    assert "model.checkpoint is not set" in str(warning.message)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import warnings
 from os import PathLike
 from typing import Sequence
 
@@ -11,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from fmadapt.data.transforms import ImageTransform, PreprocessSpec, resolve_preprocess
+from fmadapt.errors import FmadaptWarning
 from fmadapt.models.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
 from fmadapt.models.dinov3 import DinoV3Encoder, DinoV3Spec, list_dinov3_models
 from fmadapt.models.encoders import ImageEncoder, SamImageEncoder
@@ -37,6 +39,16 @@ DINOV3_DECODER_MODELS = {"dinov3_vit_tiny": "sam_vit_tiny", "dinov3_vitplus_tiny
 _DEFAULT_DINOV3_DECODER_MODEL = "sam_vit_b"
 # Maximum channel count of the semantic head's projections. Narrower encoders use their width E.
 _SEMANTIC_HEAD_MAX_CHANNELS = 256
+
+
+class _NotGiven:
+    """Type of the ``checkpoint`` default, which distinguishes an omitted argument from an explicit None."""
+
+    def __repr__(self) -> str:
+        return "<not given>"
+
+
+_NOT_GIVEN = _NotGiven()
 
 
 def list_segmenter_models() -> list[str]:
@@ -175,7 +187,7 @@ class Segmenter(nn.Module):
         name: str,
         *,
         image_size: int | None = None,
-        checkpoint: str | PathLike[str] | None = None,
+        checkpoint: str | PathLike[str] | None | _NotGiven = _NOT_GIVEN,
         decoder_checkpoint: str | PathLike[str] | None = None,
         class_names: Sequence[str] = (),
         preprocess: PreprocessSpec | None = None,
@@ -186,12 +198,18 @@ class Segmenter(nn.Module):
         """Build the registered model ``name`` and load its local checkpoint files.
 
         ``checkpoint`` is a SAM or MedSAM file for the SAM family (every part loads by key),
-        or a Hugging Face folder or Meta ``.pth`` file for a DINOv3 encoder.
-        ``decoder_checkpoint`` is a SAM-format file whose ``prompt_encoder.*`` and
-        ``mask_decoder.*`` weights are loaded afterwards (see ``load_decoder_checkpoint``).
+        or a Hugging Face folder or Meta ``.pth`` file for a DINOv3 encoder. When it is
+        omitted for a model with published weights, the model starts from random weights
+        and a FmadaptWarning says so. ``checkpoint=None`` asks for random weights without
+        the warning. ``decoder_checkpoint`` is a SAM-format file whose ``prompt_encoder.*``
+        and ``mask_decoder.*`` weights are loaded afterwards (see ``load_decoder_checkpoint``).
         """
+        spec = get_segmenter_spec(name)
+        if checkpoint is _NOT_GIVEN:
+            checkpoint = None
+            _warn_random_weights(spec)
         model = cls(
-            get_segmenter_spec(name),
+            spec,
             image_size=image_size,
             class_names=class_names,
             preprocess=preprocess,
@@ -443,6 +461,26 @@ def _check_class_names(class_names: Sequence[str]) -> tuple[str, ...]:
     if duplicates:
         raise ValueError(f"class_names must be unique, got duplicates {duplicates}")
     return names
+
+
+def _warn_random_weights(spec: ModelSpec | DinoV3Spec) -> None:
+    """Warn that a model with published weights was built without a checkpoint."""
+    if isinstance(spec, DinoV3Spec):
+        copies = [f"the Hugging Face folder {spec.hf_model_id}"] if spec.hf_model_id else []
+        copies += [spec.meta_checkpoint_file] if spec.meta_checkpoint_file else []
+        how = f"set checkpoint to a local copy of {' or '.join(copies)}"
+    else:
+        copies = [spec.checkpoint_file] if spec.checkpoint_file else []
+        how = f"pass checkpoint='checkpoints/{spec.checkpoint_file}'"
+    if not copies:
+        return
+    warnings.warn(
+        f"Segmenter.from_registry({spec.name!r}) got no checkpoint, so the model starts from random weights. "
+        f"To load the published weights, {how}. To build random weights without this warning, pass "
+        "checkpoint=None",
+        FmadaptWarning,
+        stacklevel=3,
+    )
 
 
 def _prompt_count(
