@@ -93,11 +93,14 @@ def run_quickstart(output: str | os.PathLike, overrides: list[str] | None = None
     from fmadapt.train.loop import train
 
     output = Path(output)
-    data_root = write_template_dataset(output / "data" / "MNI152_white_matter")
+    data_root = output / "data" / "MNI152_white_matter"
+    # The recipe and the run folder are checked before the dataset is written, so a bad
+    # override or an existing run leaves nothing behind.
     recipe = recipe_from_dict(apply_overrides(quickstart_recipe(data_root), overrides or []))
     run_dir = output / "run"
     if run_dir.exists():
         raise FileExistsError(f"{run_dir} already exists; pass --output with a new folder or delete it")
+    write_template_dataset(data_root)
     train(recipe, run_dir)
     results = {}
     for mode in ("prompted", "automatic"):

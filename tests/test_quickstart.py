@@ -33,3 +33,17 @@ def test_quickstart_existing_run_rejected(tmp_path, caplog):
     (tmp_path / "run").mkdir()
     assert cli.main(["quickstart", "--output", str(tmp_path)]) == 2
     assert "already exists" in caplog.text
+
+
+def test_quickstart_existing_run_writes_no_data(tmp_path, caplog):
+    (tmp_path / "run").mkdir()
+    assert cli.main(["quickstart", "--output", str(tmp_path)]) == 2
+    assert not (tmp_path / "data").exists()
+
+
+def test_quickstart_bad_override_leaves_nothing(tmp_path, caplog):
+    output = tmp_path / "quick"
+    assert cli.main(["quickstart", "--output", str(output), "train.epoch=2"]) == 2
+    assert "train.epoch" in caplog.text
+    assert not (output / "data").exists()
+    assert not (output / "run").exists()
