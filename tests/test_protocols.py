@@ -143,6 +143,7 @@ def test_propagation_on_brain_lesion(brain_run, data_root):
 
         (propagated,) = read_rows(result.folder / "propagation.csv")
         assert propagated["prompts_used"] == "1"
+        assert propagated["label_id"] == row["label_id"] == "1"
         case_id = propagated["case"]
         label = np.asarray(nib.load(data_root / "Dataset003_PyRadiomicsBrainMR" / "labelsTr" / f"{case_id}.nii.gz").dataobj)
         areas = np.count_nonzero(label == 1, axis=(0, 1))
@@ -161,13 +162,14 @@ def test_propagation_on_brain_lesion(brain_run, data_root):
         assert protocol["key_slice"] == "largest"
 
 
-def test_iterative_on_ct_organs(ct_run):
+def test_iterative_on_ct_organs(ct_run, data_root):
     settings = ProtocolSettings(num_interactions=3)
     (result,) = run_protocol(ct_run, "iterative", settings=settings, overrides=["evaluate.write_predictions=false"])
     assert result.folder.name == "eval_test_iterative_jitter0"
 
     curves = read_rows(result.folder / "dice_per_interaction.csv")
     assert [row["class_name"] for row in curves] == ["kidney_right", "kidney_left"]
+    dataset_labels = json.loads((data_root / "Dataset001_TotalSegCT" / "dataset.json").read_text())["labels"]
     per_case = {row["class_name"]: row for row in read_rows(result.folder / "per_case.csv")}
     for row in curves:
         values = [float(row[f"dice_{k}"]) for k in (1, 2, 3)]
@@ -175,6 +177,8 @@ def test_iterative_on_ct_organs(ct_run):
         assert float(row["auc"]) == pytest.approx(sum(values) / 3)
         assert int(row["objects"]) > 0
         assert float(per_case[row["class_name"]]["dice"]) == pytest.approx(values[-1])
+        assert row["label_id"] == per_case[row["class_name"]]["label_id"]
+        assert row["label_id"] == str(dataset_labels[row["class_name"]])
 
     summary = json.loads((result.folder / "summary.json").read_text())
     assert summary["dice_per_interaction"]["interactions"] == [1, 2, 3]

@@ -32,7 +32,7 @@ def write_curves(folder: Path, curves: list[dict], names: list[str], count: int)
         values = dict(zip(header, curve["dice"]))
         auc = float(np.mean(curve["dice"]))
         counts = {"auc": auc, "objects": curve["objects"], "stopped_early": curve["stopped_early"]}
-        rows.append({key: curve[key] for key in ("case", "class_name", "class_id")} | values | counts)
+        rows.append({key: curve[key] for key in ("case", "class_name", "class_id", "label_id")} | values | counts)
     write_csv(folder / CURVE_FILE, rows)
 
     means = {name: _nan_mean([c["dice"] for c in curves if c["class_name"] == name], count) for name in names}

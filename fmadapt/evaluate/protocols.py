@@ -224,6 +224,9 @@ def _evaluate_case(context: _Context, case_id: str, dataset_ids: dict[str, int],
     rng = case_generator(context.settings.seed, case_id)
     curves, propagation_rows = [], []
     region, masks, extra = _run_case(context, case, names, level, rng, curves, propagation_rows)
+    # class_id is the recipe order; label_id is the dataset's id, as in the prediction files.
+    for row in (*curves, *propagation_rows):
+        row["label_id"] = dataset_ids[row["class_name"]]
     rows = _class_rows(masks, case.label, region, case.label_source.spacing, dataset_ids, context.recipe)
     noise = {} if level is None else {"jitter": level, "jitter_unit": context.settings.jitter_unit}
     region_labels = _merged_dataset_labels(masks[(slice(None), *region)], list(range(1, len(names) + 1)))
