@@ -57,13 +57,13 @@ from fmadapt.data.prompts import box_from_mask
 from fmadapt.errors import RecipeError
 from fmadapt.evaluate.clicks import clicks_to_arrays, initial_clicks
 from fmadapt.evaluate.interactive import predictor_prompt_function, run_interactive
-from fmadapt.evaluate.metrics import compute_case_metrics, dice
+from fmadapt.evaluate.metrics import dice
 from fmadapt.evaluate.propagation import choose_key_slice, propagate
 from fmadapt.evaluate.protocol_files import write_csv, write_curves, write_json
 from fmadapt.evaluate.protocol_settings import JITTER_UNITS, ProtocolSettings, case_generator, noisy_box
 from fmadapt.evaluate.report import OverlayCase, cut_overlay_case, write_case_overlays, write_report
 from fmadapt.evaluate.results import MetricTable
-from fmadapt.evaluate.runner import EvaluationResult, create_partial_folder
+from fmadapt.evaluate.runner import EvaluationResult, class_metric_rows, create_partial_folder
 from fmadapt.evaluate.sharding import ProcessGroup, evaluation_device, gather_cases, join_process_group, run_on_main
 from fmadapt.inference.cache import open_embedding_cache
 from fmadapt.inference.predictor import Predictor
@@ -227,7 +227,7 @@ def _evaluate_case(context: _Context, case_id: str, dataset_ids: dict[str, int],
     # class_id is the recipe order; label_id is the dataset's id, as in the prediction files.
     for row in (*curves, *propagation_rows):
         row["label_id"] = dataset_ids[row["class_name"]]
-    rows = _class_rows(masks, case.label, region, case.label_source.spacing, dataset_ids, context.recipe)
+    rows = class_metric_rows(masks, case.label, region, case.label_source.spacing, dataset_ids, context.recipe)
     noise = {} if level is None else {"jitter": level, "jitter_unit": context.settings.jitter_unit}
     region_labels = _merged_dataset_labels(masks[(slice(None), *region)], list(range(1, len(names) + 1)))
     view = cut_overlay_case(case_id, case.image[region], case.label[region], region_labels, context.recipe.data.axis)
@@ -371,19 +371,6 @@ def _block_region(axis: int, block: tuple[int, int], ndim: int) -> tuple:
     region = [slice(None)] * ndim
     region[axis] = slice(*block)
     return tuple(region)
-
-
-def _class_rows(masks, reference, region, spacing, dataset_ids: dict[str, int], recipe) -> list[dict]:
-    """Metric rows with class_id c (recipe order, as in ``reference``) and the dataset's label_id."""
-    rows = []
-    for c, (name, label_id) in enumerate(dataset_ids.items(), start=1):
-        predicted = masks[c - 1][region].astype(np.uint8)
-        expected = (reference[region] == c).astype(np.uint8)
-        (row,) = compute_case_metrics(predicted, expected, spacing, {name: 1}, recipe.evaluate.nsd_tolerance_mm)
-        row["class_id"] = c
-        row["label_id"] = label_id
-        rows.append(row)
-    return rows
 
 
 def _merged_dataset_labels(masks: np.ndarray, dataset_label_ids: list[int]) -> np.ndarray:

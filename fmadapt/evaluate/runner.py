@@ -249,7 +249,7 @@ def _score_case(
     prediction = _predict_case(model, case, slices, axis, block, mode, jitter, len(recipe_ids), rng, cache)
 
     spacing = case.label_source.spacing
-    rows = _class_metrics(prediction.masks, case.label, region, spacing, dataset_ids, recipe)
+    rows = class_metric_rows(prediction.masks, case.label, region, spacing, dataset_ids, recipe)
     extra = {"mode": mode, "jitter": jitter if jitter is not None else ""}
     if block is not None:
         extra["slices"] = f"{block[0]}-{block[1] - 1}"
@@ -366,7 +366,7 @@ def _report_settings(recipe: Recipe, split: str, mode: str, jitter: float | None
     return settings
 
 
-def _class_metrics(
+def class_metric_rows(
     masks: np.ndarray,
     reference: np.ndarray,
     region: tuple,
