@@ -260,8 +260,8 @@ def test_dinov3_path_fits_two_slices(ct_data):
     """Both heads of a random-start DINOv3 model can fit two real CT slices.
 
     A path that cannot fit its own training images (a wrong neck, a detached head or
-    targets at the wrong size) fails here; held-out Dice from random weights is too low
-    to tell such a bug from an untrained encoder.
+    targets at the wrong size) fails here. Held-out Dice from random weights is too low
+    to separate such a bug from an untrained encoder.
     """
     from fmadapt.train.dataset import PromptedSliceDataset
     from fmadapt.train.objective import FewShotObjective

@@ -141,8 +141,8 @@ def test_collapse_fires_on_constant_output():
 
 
 def test_collapse_fires_on_uniform_targets():
-    # Every image gets the uniform distribution: the batch mean looks healthy (entropy 1),
-    # but no target tells the student anything.
+    # Every image gets the uniform distribution. The batch mean then looks healthy
+    # (entropy 1), although no target separates one image from another.
     monitor = CollapseMonitor(entropy_threshold=0.05, std_threshold=0.02, uniform_threshold=0.98)
     probabilities = torch.full((8, 16), 1.0 / 16)
     tokens = torch.randn(8, 32, generator=torch.Generator().manual_seed(0))

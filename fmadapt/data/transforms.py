@@ -295,8 +295,8 @@ def _resize(values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def _linear_resize_matrix(size_in: int, size_out: int) -> torch.Tensor:
     """Return the size_out×size_in matrix of torch's 1-D linear resize (align_corners=False).
 
-    Built by resizing the identity, so its weights are torch's own, including the clamping
-    at the borders; bilinear resizing of an image applies it to rows and columns alike.
+    The matrix is the resized identity, so its weights are torch's own, border clamping
+    included. Bilinear resizing of an image applies the same matrix to rows and columns.
     """
     identity = torch.eye(size_in, dtype=torch.float64).unsqueeze(0)
     return F.interpolate(identity, size_out, mode="linear", align_corners=False)[0].T

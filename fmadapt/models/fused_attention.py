@@ -89,8 +89,9 @@ def relative_position_attention(
     grid_query = query.reshape(batch, heads, height, width, channels)
     along_h = torch.einsum("bnhwc,hkc->bnhwk", grid_query, table_h).reshape(batch, heads, tokens, height)
     along_w = torch.einsum("bnhwc,wkc->bnhwk", grid_query, table_w).reshape(batch, heads, tokens, width)
-    # Zero channels up to a multiple of 8, the head-size granularity that CUDA's fused
-    # kernels need; they add nothing to the dot products.
+    # Zero channels up to a multiple of 8 add nothing to the dot products.
+    # NOTE: the padding follows the head-size step of torch's CUDA flash kernels as
+    # recalled, not as measured; this path has not run on a GPU.
     padding = -(channels + height + width) % 8
     query = F.pad(torch.cat([query * scale, along_h, along_w], dim=-1), (0, padding))
 

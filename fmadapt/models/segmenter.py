@@ -468,15 +468,15 @@ def _warn_random_weights(spec: ModelSpec | DinoV3Spec) -> None:
     if isinstance(spec, DinoV3Spec):
         copies = [f"the Hugging Face folder {spec.hf_model_id}"] if spec.hf_model_id else []
         copies += [spec.meta_checkpoint_file] if spec.meta_checkpoint_file else []
-        how = f"set checkpoint to a local copy of {' or '.join(copies)}"
+        instruction = f"set checkpoint to a local copy of {' or '.join(copies)}"
     else:
         copies = [spec.checkpoint_file] if spec.checkpoint_file else []
-        how = f"pass checkpoint='checkpoints/{spec.checkpoint_file}'"
+        instruction = f"pass checkpoint='checkpoints/{spec.checkpoint_file}'"
     if not copies:
         return
     warnings.warn(
         f"Segmenter.from_registry({spec.name!r}) got no checkpoint, so the model starts from random weights. "
-        f"To load the published weights, {how}. To build random weights without this warning, pass "
+        f"To load the published weights, {instruction}. To build random weights without this warning, pass "
         "checkpoint=None",
         FmadaptWarning,
         stacklevel=3,
